@@ -1,0 +1,324 @@
+"""The command line: ``thalunix vm …``, ``thalunix doctor``; a thin front over :mod:`thalunix.engine`.
+
+Human output by default, ``--json`` for scripts. Errors print one line naming
+what failed and what to do, and exit with status 1 (2 for a malformed command).
+
+Example::
+
+    thalunix vm create debian --iso debian.iso --ram 2G --disk 20G --forward tcp:2222:22
+    thalunix vm start debian
+    thalunix vm show debian --json      # {"name": "debian", "state": "running", ...}
+    thalunix vm stop debian [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+from thalunix import __version__
+from thalunix.engine import CreateOptions, DirectEngine
+from thalunix.errors import ThalunixError, ValidationError
+from thalunix.model import (ACCELERATORS, BOOT_DEVICES, DISK_BUSES, DISK_FORMATS, DISPLAYS, FIRMWARES, MACHINES,
+                            OS_HINTS, TPM_MODES, CDRom, Nic, PortForward, parse_ram_mib)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thalunix", description="Portable manager for QEMU virtual machines.")
+    parser.add_argument("--version", action="version", version=f"thalunix {__version__}")
+    parser.add_argument("--data-dir", help="data folder (default: $THALUNIX_DATA, else thalunix-data/ by the app)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    # --json is accepted after the verb too (`thalunix vm show web --json`), as people type it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    commands.add_parser("doctor", parents=[common], help="report QEMU, accelerators, firmware and the data folder")
+
+    vm_parser = commands.add_parser("vm", help="manage virtual machines")
+    vm = vm_parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_parser_with(common))
+    vm.required = True
+    vm.add_parser("list", help="list VMs with their state")
+    create = vm.add_parser("create", help="create a VM")
+    create.add_argument("name")
+    _vm_options(create)
+    create.add_argument("--disk", help="size of a new disk (20G) or path of an existing image")
+    create.add_argument("--disk-format", choices=DISK_FORMATS, default="qcow2")
+    for verb, text in (("show", "show a VM's settings and state"), ("start", "start a VM"),
+                       ("pause", "pause a running VM"), ("resume", "resume a paused VM"),
+                       ("reset", "hard-reset a running VM")):
+        vm.add_parser(verb, help=text).add_argument("name")
+    edit = vm.add_parser("edit", help="change a stopped VM's settings")
+    edit.add_argument("name")
+    edit.add_argument("--rename", metavar="NEW_NAME")
+    _vm_options(edit, defaults=False)
+    edit.add_argument("--no-iso", action="store_true", help="empty the CD-ROM drive")
+    edit.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                      help="set any vm.json field, e.g. --set serial=false")
+    delete = vm.add_parser("delete", help="delete a VM and its disks")
+    delete.add_argument("name")
+    delete.add_argument("--keep-disks", action="store_true", help="move its disks to disks-kept/ first")
+    delete.add_argument("--yes", action="store_true", help="do not ask")
+    stop = vm.add_parser("stop", help="shut a VM down (ACPI power button, then quit)")
+    stop.add_argument("name")
+    stop.add_argument("--force", action="store_true", help="pull the plug now")
+    stop.add_argument("--timeout", type=float, default=60, help="seconds to wait for the guest (default 60)")
+    console = vm.add_parser("console", help="attach to the serial console (Ctrl+] leaves)")
+    console.add_argument("name")
+    log = vm.add_parser("log", help="print a VM's logs")
+    log.add_argument("name")
+    log.add_argument("--serial", action="store_true", help="the serial console log")
+    log.add_argument("--qemu", action="store_true", help="QEMU's own output")
+    return parser
+
+
+def _parser_with(common: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    class VerbParser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("parents", [common])
+            super().__init__(*args, **kwargs)
+    return VerbParser
+
+
+def _vm_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    def default(value: Any) -> Any:
+        return value if defaults else None
+    parser.add_argument("--iso", help="ISO image for the CD-ROM drive")
+    parser.add_argument("--ram", default=default("2G"), help="memory: 2G, 512M or MiB as a number (default 2G)")
+    parser.add_argument("--cpus", type=int, default=default(2), help="virtual CPUs (default 2)")
+    parser.add_argument("--firmware", choices=FIRMWARES, default=default("uefi"))
+    parser.add_argument("--tpm", choices=TPM_MODES, default=default("auto"))
+    parser.add_argument("--forward", action="append", default=None, metavar="tcp:HOSTPORT:GUESTPORT",
+                        help="port forward from 127.0.0.1 (repeatable)")
+    parser.add_argument("--os", choices=OS_HINTS, default=default("linux"))
+    parser.add_argument("--machine", choices=MACHINES, default=default("q35"))
+    parser.add_argument("--accel", choices=ACCELERATORS, default=default("auto"))
+    parser.add_argument("--display", choices=DISPLAYS, default=default("vnc"))
+    parser.add_argument("--disk-bus", choices=DISK_BUSES, default=default("virtio"))
+    parser.add_argument("--boot", help=f"boot order, comma-separated from {', '.join(BOOT_DEVICES)}")
+
+
+def _boot(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None
+
+
+def _print(args: argparse.Namespace, data: Any, human: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else human)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    engine: DirectEngine | None = None
+    try:
+        engine = DirectEngine.open(args.data_dir)
+        return _dispatch(engine, args)
+    except ThalunixError as error:
+        if args.json:
+            print(json.dumps({"error": error.code, "message": str(error),
+                              "field": getattr(error, "field", None)}), file=sys.stderr)
+        else:
+            print(f"thalunix: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if engine is not None:
+            engine.close()   # VMs keep running; only this process lets go
+
+
+def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        from thalunix.doctor import diagnose, render
+        report = diagnose(engine)
+        _print(args, report, render(report))
+        return 0
+    verb = args.verb
+    if verb == "list":
+        rows = engine.list()
+        lines = [f"{'NAME':24} {'STATE':9} {'CPUS':>4} {'RAM':>8}  FIRMWARE"]
+        for row in rows:
+            if row["state"] == "broken":
+                lines.append(f"{'(unreadable)':24} {'broken':9}  {row['error']}")
+            else:
+                lines.append(f"{row['name']:24} {row['state']:9} {row['cpus']:>4} {row['ram_mib']:>6}M  {row['firmware']}")
+        _print(args, rows, "\n".join(lines) if rows else "No VMs yet. Create one: thalunix vm create NAME --iso FILE")
+        return 0
+    if verb == "create":
+        config = engine.create(CreateOptions(
+            name=args.name, iso=args.iso, ram=args.ram, cpus=args.cpus, disk=args.disk, disk_format=args.disk_format,
+            disk_bus=args.disk_bus, firmware=args.firmware, tpm=args.tpm, forwards=args.forward or [], os=args.os,
+            machine=args.machine, accel=args.accel, display=args.display, boot=_boot(args.boot)))
+        _print(args, engine.describe(config.name), f"Created VM {config.name!r} in {engine.data.vm_dir(config.id)}")
+        return 0
+    if verb == "show":
+        info = engine.describe(args.name)
+        _print(args, info, _render_vm(info))
+        return 0
+    if verb == "edit":
+        config = engine.edit(args.name, _edit_changes(engine, args))
+        _print(args, engine.describe(config.name), f"Updated VM {config.name!r}")
+        return 0
+    if verb == "delete":
+        if not args.yes and sys.stdin.isatty():
+            answer = input(f"Delete VM {args.name!r} and its disks? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("Nothing deleted.")
+                return 1
+        engine.delete(args.name, keep_disks=args.keep_disks)
+        _print(args, {"deleted": args.name}, f"Deleted VM {args.name!r}")
+        return 0
+    if verb == "start":
+        status = engine.start(args.name)
+        _print(args, status, f"VM {args.name!r} is {status['state']} (accelerator {status['accel']}, pid {status['pid']})")
+        return 0
+    if verb == "stop":
+        status = engine.stop(args.name, force=args.force, timeout=args.timeout)
+        _print(args, status, f"VM {args.name!r} is {status['state']}")
+        return 0
+    if verb in ("pause", "resume", "reset"):
+        getattr(engine, verb)(args.name)
+        status = engine.status(args.name)
+        _print(args, status, f"VM {args.name!r} is {status['state']}")
+        return 0
+    if verb == "log":
+        return _log(engine, args)
+    if verb == "console":
+        return _console(engine, args.name)
+    raise ValidationError(f"unknown command {verb!r}")
+
+
+def _edit_changes(engine: DirectEngine, args: argparse.Namespace) -> dict[str, Any]:
+    config = engine.get(args.name)
+    changes: dict[str, Any] = {}
+    if args.rename:
+        changes["name"] = args.rename
+    for option, key in (("cpus", "cpus"), ("firmware", "firmware"), ("tpm", "tpm"), ("os", "os"),
+                        ("machine", "machine"), ("accel", "accel")):
+        if getattr(args, option) is not None:
+            changes[key] = getattr(args, option)
+    if args.ram is not None:
+        changes["ram_mib"] = parse_ram_mib(args.ram)
+    if args.display is not None:
+        changes["display"] = {**config.display.to_dict(), "kind": args.display}
+    if args.boot:
+        changes["boot_order"] = _boot(args.boot)
+    if args.iso or args.no_iso:
+        path = ""
+        if args.iso:
+            iso = Path(args.iso).expanduser()
+            if not iso.is_file():
+                raise ValidationError(f"ISO {args.iso!r} does not exist; check the path", "iso")
+            path = engine.data.to_stored_path(iso)
+        cdroms = [c.to_dict() for c in config.cdroms] or [CDRom(id="cd0").to_dict()]
+        cdroms[0]["path"] = path
+        changes["cdroms"] = cdroms
+    if args.forward is not None:
+        nics = [n.to_dict() for n in config.nics] or [Nic().to_dict()]
+        nics[0]["forwards"] = [PortForward.parse(spec).to_dict() for spec in args.forward]
+        changes["nics"] = nics
+    for assignment in args.set:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise ValidationError(f"--set {assignment!r}: write FIELD=VALUE, e.g. serial=false", "set")
+        try:
+            changes[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key.strip()] = value
+    if not changes:
+        raise ValidationError("nothing to change; give at least one option (see thalunix vm edit --help)")
+    return changes
+
+
+def _render_vm(info: dict[str, Any]) -> str:
+    lines = [f"{info['name']}  ({info['state']})", f"  id        {info['id']}", f"  folder    {info['folder']}",
+             f"  os        {info['os']}   machine {info['machine']}   firmware {info['firmware']}",
+             f"  cpus      {info['cpus']}   ram {info['ram_mib']} MiB   accel {info['accel']}   tpm {info['tpm']}"]
+    for disk in info["disks"]:
+        lines.append(f"  disk      {disk['path']} ({disk['format']}, {disk['bus']})")
+    for cdrom in info["cdroms"]:
+        lines.append(f"  cdrom     {cdrom['path'] or '(empty)'}")
+    for nic in info["nics"]:
+        forwards = ", ".join(f"{f['protocol']}:{f['host_address']}:{f['host_port']}->{f['guest_port']}"
+                             for f in nic["forwards"])
+        lines.append(f"  network   {nic['mode']} {nic['model']} {nic['mac']}" + (f"  forwards {forwards}" if forwards else ""))
+    lines.append(f"  boot      {', '.join(info['boot_order'])}   display {info['display']['kind']}")
+    status = info["status"]
+    if status.get("pid"):
+        lines.append(f"  running   pid {status['pid']} since {status['started_at']} ({status['accel']})")
+    last = status.get("last_exit") or {}
+    if info["state"] == "crashed" and last:
+        lines.append(f"  crashed   exit code {last.get('code')} at {last.get('time')}")
+        for line in (last.get("qemu_output") or "").splitlines()[-5:]:
+            lines.append(f"            {line}")
+    return "\n".join(lines)
+
+
+def _log(engine: DirectEngine, args: argparse.Namespace) -> int:
+    config = engine.get(args.name)
+    names = ["serial.log"] if args.serial else ["qemu.log"] if args.qemu else ["events.log", "qemu.log"]
+    for name in names:
+        path = engine.data.vm_path(config.id, "logs", name)
+        if len(names) > 1:
+            print(f"--- {name}")
+        if path.exists():
+            sys.stdout.write(path.read_text(encoding="utf-8", errors="replace"))
+    return 0
+
+
+def _console(engine: DirectEngine, name: str) -> int:
+    """Relay the serial console to this terminal until Ctrl+] (or end of input when piped)."""
+    config = engine.get(name)
+    supervisor = engine.supervisor
+    session = supervisor.require_session(config)
+    out = sys.stdout.buffer
+    out.write(bytes(session.serial_buffer[-4096:]))
+    out.flush()
+    done = threading.Event()
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("\r\n[connected to the serial console of %s; Ctrl+] leaves]\r" % name, file=sys.stderr)
+
+    def pump_output() -> None:
+        with supervisor.bus.subscribe(accept=lambda e: e.get("vm") == config.id) as events:
+            while not done.is_set():
+                event = events.get(timeout=0.5)
+                if event and event["type"] == "vm.serial":
+                    out.write(event["data"].encode())
+                    out.flush()
+                if session.exited.is_set():
+                    done.set()
+
+    threading.Thread(target=pump_output, daemon=True).start()
+    saved = None
+    if interactive and os.name == "posix":
+        import termios
+        import tty
+        saved = termios.tcgetattr(sys.stdin.fileno())
+        tty.setraw(sys.stdin.fileno())
+    try:
+        while not done.is_set():
+            chunk = os.read(sys.stdin.fileno(), 1024)
+            if not chunk or b"\x1d" in chunk:
+                break
+            supervisor.send_serial(config, chunk)
+        if not interactive:
+            done.wait(2.0)   # let the guest answer what was piped in
+    finally:
+        done.set()
+        if saved is not None:
+            import termios
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``thalunix doctor``: everything worth knowing about this host and this Thalunix, in one report.
+
+Each check reports what it found and, when something is off, what to do.
+
+Example::
+
+    report = diagnose(engine)
+    report["qemu"]["version"]        # "7.2.22"
+    report["accelerator"]["summary"] # "KVM: self-test failed (...) → TCG, expect slow guests"
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Any
+
+from thalunix import __version__, accel
+from thalunix.engine import DirectEngine
+from thalunix.errors import ThalunixError
+from thalunix.model import format_size
+from thalunix.runtime import host_os
+
+
+def diagnose(engine: DirectEngine) -> dict[str, Any]:
+    report: dict[str, Any] = {"thalunix": __version__, "python": sys.version.split()[0], "host_os": host_os()}
+    data = engine.data
+    usage = shutil.disk_usage(data.root)
+    report["data_folder"] = {"path": str(data.root), "free": usage.free, "free_human": format_size(usage.free),
+                             "writable": os.access(data.root, os.W_OK), "vms": len(data.list_vms())}
+    try:
+        runtime = engine.runtime()
+    except ThalunixError as error:
+        report["qemu"] = {"found": False, "error": str(error)}
+        return report
+    report["qemu"] = {"found": True, "path": str(runtime.qemu), "source": runtime.source,
+                      "version": runtime.caps.version, "qemu_img": str(runtime.qemu_img or ""),
+                      "swtpm": str(runtime.swtpm or ""), "capabilities": runtime.caps.summary()}
+    report["firmware"] = {key: str(value) if value else None for key, value in vars(runtime.firmware).items()}
+    try:
+        choice = accel.choose_accelerator("auto", runtime.qemu, set(runtime.caps.accels), data.cache_dir)
+        report["accelerator"] = {"chosen": choice.chosen, "ladder": choice.ladder, "summary": choice.summary,
+                                 "verdicts": [{"name": v.name, "usable": v.usable, "reason": v.reason}
+                                              for v in choice.verdicts]}
+    except ThalunixError as error:
+        report["accelerator"] = {"chosen": None, "summary": str(error), "verdicts": []}
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human form of :func:`diagnose`."""
+    lines = [f"Thalunix {report['thalunix']} (Python {report['python']}, {report['host_os']})"]
+    folder = report["data_folder"]
+    lines.append(f"Data folder: {folder['path']}  ({folder['free_human']} free, "
+                 f"{'writable' if folder['writable'] else 'NOT WRITABLE'}, {folder['vms']} VMs)")
+    qemu = report["qemu"]
+    if not qemu.get("found"):
+        lines.append(f"QEMU: not found. {qemu['error']}")
+        return "\n".join(lines)
+    lines.append(f"QEMU: {qemu['version']} at {qemu['path']} ({qemu['source']})")
+    lines.append(f"qemu-img: {qemu['qemu_img'] or 'not found'}   swtpm: {qemu['swtpm'] or 'not found'}")
+    caps = qemu["capabilities"]
+    lines.append(f"Machines: {', '.join(caps['machines'])}   accelerators listed: {', '.join(caps['accelerators'])}"
+                 f"   TPM: {caps['tpm']}")
+    firmware = report["firmware"]
+    lines.append(f"UEFI firmware: {firmware.get('code') or 'not found'}"
+                 f"{'  (+ Secure Boot)' if firmware.get('secure_code') else ''}")
+    acc = report["accelerator"]
+    lines.append(f"Accelerator: {acc.get('chosen') or 'none'} — {acc['summary']}")
+    for verdict in acc.get("verdicts", []):
+        lines.append(f"  {'ok ' if verdict['usable'] else 'no '} {verdict['name']}: {verdict['reason']}")
+    return "\n".join(lines)
