@@ -23,12 +23,13 @@ Example::
     choice = choose_accelerator("auto", Path("/usr/bin/qemu-system-x86_64"),
                                 qemu_accels={"kvm", "tcg"}, cache_dir=data / "cache")
     argv += choice.accel_args            # ["-accel", "tcg"]
-    print(choice.summary)                # "KVM: self-test guest died: KVM internal error. ... → TCG, expect slow guests"
+    print(choice.summary)   # "KVM: self-test guest died: KVM internal error. ... → TCG, expect slow guests"
     # later, if QEMU dies and is_accel_failure(stderr): restart with next_rung(choice, rung)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -40,9 +41,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from thalunix import selftest
 from thalunix.errors import RuntimeMissingError, ValidationError
@@ -63,7 +65,7 @@ _BOOT_TIME_SLACK_S = 120
 _DISPLAY = {"kvm": "KVM", "whpx": "WHPX", "hvf": "HVF", "haxm": "HAXM", "tcg": "TCG"}
 
 #: A probe answers (ok, detail); injectable so the Windows/macOS paths are testable anywhere.
-Probe = Callable[[], "tuple[bool, str]"]
+Probe = Callable[[], tuple[bool, str]]
 
 
 @dataclass(frozen=True)
@@ -410,13 +412,14 @@ def _read(path: Path) -> str:
         return ""
 
 
-def _quote(stderr: str, binary: Path) -> str:
-    """The one stderr line worth showing: an accelerator failure, else an error, else the first line."""
+def _quote(stderr: str, binary: Path, warnings: bool = True) -> str:
+    """The one stderr line worth showing: an accelerator failure, else an error, else (if
+    ``warnings``) the first warning; "" when there is nothing to show."""
     line = accel_failure_line(stderr)
     if line is None:
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         errors = [ln for ln in lines if "warning:" not in ln.lower()]
-        line = (errors or lines or [""])[0]
+        line = (errors or (lines if warnings else []) or [""])[0]
     for prefix in (f"{binary}: ", f"{binary.name}: ", f"{binary.stem}: "):
         if line.startswith(prefix):
             line = line[len(prefix):]
@@ -500,10 +503,11 @@ def _run_self_test(binary: Path, accel: str, timeout: float,
 
     quoted = _quote(stderr_text, binary)
     if outcome == "died":
-        return fail(f"self-test guest died: {quoted} (stopped {stage})")
+        return fail(f"self-test guest died: {quoted}; it stopped {stage}")
     if outcome == "hung":
-        said = f"; QEMU said: {quoted}" if quoted else ""
-        return fail(f"guest hung (no result in {timeout:g} s, stopped {stage}){said}")
+        errors = _quote(stderr_text, binary, warnings=False)
+        said = f"; QEMU said: {errors}" if errors else ""
+        return fail(f"guest hung (no result in {timeout:g} s); it stopped {stage}{said}")
     if rc == selftest.QEMU_STATUS_OK:
         return AccelVerdict(accel, True, f"{label}: self-test passed in {seconds:.2f} s", seconds=seconds), True
     if rc is not None and rc > 0 and rc & 1 and (rc >> 1) in selftest.EXIT_FAILURES:
@@ -512,7 +516,7 @@ def _run_self_test(binary: Path, accel: str, timeout: float,
         return fail(f"QEMU could not use the accelerator: {quoted}")
     if rc == 0:
         # -no-reboot turns a triple fault (an unhandled CPU exception) into a clean exit.
-        return fail(f"self-test guest crashed (CPU reset/triple fault) {stage}")
+        return fail(f"self-test guest crashed (CPU reset or triple fault) {stage}")
     detail = f": {quoted}" if quoted else ""
     return fail(f"QEMU failed to run the self-test (exit status {rc}){detail}")
 
@@ -598,10 +602,14 @@ class VerdictCache:
                             seconds=entry.get("seconds"), cached=True)
 
     def put(self, verdict: AccelVerdict) -> None:
-        if not self.enabled:
+        if self.boot is None or self.qemu is None:
             return
         data = self._load() or {"format": _CACHE_FORMAT, "boot": self.boot, "qemu": {}}
         data["boot"] = self.boot
+        # An updated binary at the same path makes the old entry dead weight: drop it.
+        real = self.qemu.rsplit("|", 2)[0]
+        for key in [k for k in data["qemu"] if k != self.qemu and k.rsplit("|", 2)[0] == real]:
+            del data["qemu"][key]
         data["qemu"].setdefault(self.qemu, {})[verdict.name] = {
             "usable": verdict.usable, "reason": verdict.reason, "seconds": verdict.seconds}
         try:
@@ -613,10 +621,8 @@ class VerdictCache:
                 # Readers see the old file or the new one, never a half-written one.
                 os.replace(tmp, self.path)
             except BaseException:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
                 raise
         except OSError as error:
             # A read-only data folder only costs a re-test next time; it must not stop the VM.
@@ -697,12 +703,14 @@ def choose_accelerator(
 def _examine(rung: str, binary: Path, qemu_accels: set[str], host: str, cache: VerdictCache,
              timeout: float, extra_args: Sequence[str]) -> AccelVerdict:
     label = display_name(rung)
-    if qemu_accels and base_name(rung) not in qemu_accels:
-        return AccelVerdict(rung, False, f"{label}: not built into this QEMU ({binary.name} -accel help does not list it)")
     # Prechecks are cheap and may change within a boot (user added to the kvm group): never cached.
+    # They go first because "HVF only exists on macOS" explains more than "not in this QEMU".
     pre = host_precheck(rung, host)
     if not pre.usable:
         return pre
+    if qemu_accels and base_name(rung) not in qemu_accels:
+        return AccelVerdict(
+            rung, False, f"{label}: not built into this QEMU ({binary.name} -accel help does not list it)")
     cached = cache.get(rung)
     if cached is not None:
         return cached

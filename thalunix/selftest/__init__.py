@@ -44,13 +44,13 @@ DEBUG_EXIT_DEVICE = "isa-debug-exit,iobase=0xf4,iosize=0x04"
 SERIAL_STAGES = "TLX:RLFSOK"
 #: What each serial letter means once it has appeared (the stage that *completed*).
 STAGE_NAMES: dict[str, str] = {
-    "": "before the boot sector ran (QEMU or the BIOS never reached it)",
-    "TLX:R": "in real mode, while setting up paging and long mode",
+    "": "before the boot sector ran: QEMU or the BIOS never reached it",
+    "TLX:R": "in real mode, while switching to paging and long mode",
     "TLX:RL": "in 64-bit mode, at the first x87 instruction (fninit/fld1)",
     "TLX:RLF": "in 64-bit mode, at the SSE instructions",
     "TLX:RLFS": "right before reporting success",
     "TLX:RLFSO": "right before reporting success",
-    "TLX:RLFSOK": "after printing OK, at the debug-exit write",
+    "TLX:RLFSOK": "at the final write to the debug-exit device",
 }
 
 # Assembled from selftest.asm by `python -m thalunix.selftest` (nasm -f bin); do not edit by hand.
