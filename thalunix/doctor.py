@@ -16,7 +16,7 @@ import shutil
 import sys
 from typing import Any
 
-from thalunix import __version__, accel
+from thalunix import __version__
 from thalunix.engine import DirectEngine
 from thalunix.errors import ThalunixError
 from thalunix.model import format_size
@@ -39,7 +39,7 @@ def diagnose(engine: DirectEngine) -> dict[str, Any]:
                       "swtpm": str(runtime.swtpm or ""), "capabilities": runtime.caps.summary()}
     report["firmware"] = {key: str(value) if value else None for key, value in vars(runtime.firmware).items()}
     try:
-        choice = accel.choose_accelerator("auto", runtime.qemu, set(runtime.caps.accels), data.cache_dir)
+        choice = runtime.accelerator("auto", data.cache_dir)
         report["accelerator"] = {"chosen": choice.chosen, "ladder": choice.ladder, "summary": choice.summary,
                                  "verdicts": [{"name": v.name, "usable": v.usable, "reason": v.reason}
                                               for v in choice.verdicts]}

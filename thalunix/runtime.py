@@ -26,8 +26,12 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thalunix.errors import RuntimeMissingError
+
+if TYPE_CHECKING:
+    from thalunix.accel import AccelChoice
 
 ENV_RUNTIME = "THALUNIX_RUNTIME"
 PROBE_VERSION = 2   # bump when the parsing below changes, so old caches are not trusted
@@ -259,6 +263,12 @@ class Runtime:
         return cls(qemu=qemu, qemu_img=sibling("qemu-img"), swtpm=sibling("swtpm"),
                    firmware=find_firmware(firmware_dirs), data_dir=data_dir,
                    caps=cached_capabilities(qemu, cache_dir, data_dir), source=source)
+
+    def accelerator(self, preference: str, cache_dir: Path) -> "AccelChoice":
+        """The accelerator ladder for ``preference`` (auto/kvm/whpx/hvf/haxm/tcg), self-tested and cached."""
+        from thalunix.accel import choose_accelerator
+        return choose_accelerator(preference, self.qemu, set(self.caps.accels), cache_dir,
+                                  extra_args=["-L", str(self.data_dir)] if self.data_dir else ())
 
     def require_qemu_img(self) -> Path:
         if not self.qemu_img:

@@ -25,8 +25,10 @@ import asyncio
 import codecs
 import contextlib
 import datetime
+import json
 import logging
 import os
+import re
 import secrets
 import socket
 import subprocess
@@ -116,6 +118,32 @@ class RunRecord:
                    accel=str(data.get("accel", "")), ladder=list(data.get("ladder", [])),
                    started_at=str(data.get("started_at", "")), state=str(data.get("state", "running")),
                    argv=list(data.get("argv", [])))
+
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z\s+")
+_OPTION_JSON = re.compile(r'^-(blockdev|device|drive) (\{.*\}|\S+): ')
+
+
+def qemu_error_message(output: str) -> str:
+    """QEMU's last error line, made readable: no timestamp, no binary name, the drive named instead of its JSON."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "qemu-system" in line or "qemu:" in line] or lines
+    if not errors:
+        return ""
+    line = _TIMESTAMP.sub("", errors[-1])
+    line = re.sub(r"^\S*qemu-system-\w+(\.exe)?: ", "", line)
+    match = _OPTION_JSON.match(line)
+    if match:
+        what = match.group(2)
+        try:
+            spec = json.loads(what)
+            node = spec.get("node-name", "")
+            filename = spec.get("file", {}).get("filename") or spec.get("filename", "")
+            what = f"{node} ({filename})" if filename else node
+        except ValueError:
+            pass
+        line = f"{what}: {line[match.end():]}"
+    return line
 
 
 def free_port() -> int:
@@ -335,7 +363,7 @@ class Supervisor:
         except OSError:
             return ""
         text = text.rsplit("=== thalunix: start", 1)[-1].split("\n", 1)[-1] if "=== thalunix: start" in text else text
-        return "\n".join(line for line in text.strip().splitlines()[-lines:])
+        return "\n".join([line for line in text.strip().splitlines() if not line.startswith("=== ")][-lines:])
 
     def _record(self, config: VMConfig) -> RunRecord | None:
         data = self.data.read_json(self.data.vm_path(config.id, "run", "state.json"))
@@ -421,8 +449,7 @@ class Supervisor:
         try:
             validate(config, self.host, self.data.exists)
             runtime = self._runtime()
-            choice = accel_module.choose_accelerator(accel_override or config.accel, runtime.qemu,
-                                                     set(runtime.caps.accels), self.data.cache_dir)
+            choice = runtime.accelerator(accel_override or config.accel, self.data.cache_dir)
             rungs = list(choice.ladder) or [choice.chosen]
             while True:
                 try:
@@ -496,7 +523,7 @@ class Supervisor:
             accel_failure = accel_module.is_accel_failure(output)
             self.data.vm_path(config.id, "run", "state.json").unlink(missing_ok=True)
             session.set_state("stopped")
-            message = output.strip().splitlines()[-1] if output.strip() else str(error)
+            message = qemu_error_message(output) or str(error)
             raise StartError(f"{config.label} did not start: {message}", output, accel_failure) from None
         with self._lock:
             self.sessions[config.id] = session
