@@ -42,6 +42,10 @@ class ModelObject:
             raise ValidationError(
                 f"{label}: unknown field(s) {', '.join(map(repr, unknown))}; "
                 f"known fields are {', '.join(sorted(known))}", _join(where, unknown[0]))
+        missing = [f.name for f in known.values() if f.name not in data
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValidationError(f"{label}: missing required field {missing[0]!r}", _join(where, missing[0]))
         kwargs = {}
         for name, value in data.items():
             kwargs[name] = _from_plain(value, hints[name], _join(where, name))
