@@ -329,6 +329,9 @@ _ACCEL_FAILURE_PATTERNS: list[re.Pattern[str]] = [
         (r"\bHV_(ERROR|BUSY|BAD_ARGUMENT|NO_RESOURCES|NO_DEVICE|UNSUPPORTED|DENIED|ILLEGAL_GUEST_STATE)\b", 0),
         (r"\bHAX\b.*(not working|fail|error)", re.I),
         (r"Failed to open the hax", re.I),
+        # QEMU aborting inside its accelerator code (kvm-pvm here: "kvm.c:3183: kvm_buf_set_msrs: Assertion").
+        (r"target/\w+/(kvm|whpx|hvf|hax|nvmm)/\S+\.c:\d+:", re.I),
+        (r"\b(kvm|whpx|hvf|hax)_\w+: Assertion", re.I),
         (r"invalid accelerator", re.I),
         (r"no accelerator found", re.I),
         (r"accelerator \S+ (is )?not (available|supported)", re.I),

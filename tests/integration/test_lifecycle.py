@@ -158,3 +158,26 @@ def test_missing_qemu_is_reported(engine: DirectEngine, make_vm, monkeypatch, tm
     with pytest.raises(RuntimeMissingError, match="qemu-system-x86_64.*not found"):
         engine.start("noqemu")
     assert engine.status("noqemu")["state"] == "stopped"
+
+
+def test_accelerator_that_fails_a_real_guest_falls_back(engine: DirectEngine, make_vm) -> None:
+    """This host's KVM fails guests; make the ladder believe its self-test passed and watch auto recover."""
+    from thalunix import accel
+    if not Path("/dev/kvm").exists():
+        pytest.skip("no /dev/kvm on this host")
+    runtime = engine.runtime()
+    if "kvm" not in runtime.caps.accels:
+        pytest.skip("this QEMU has no KVM")
+    accel.VerdictCache(engine.data.cache_dir, runtime.qemu).put(
+        accel.AccelVerdict("kvm", True, "pretend the self-test passed"))
+    make_vm("fallback")
+    status = engine.start("fallback")
+    assert status["accel"] == "tcg"
+    config = engine.get("fallback")
+    assert engine.supervisor.wait_serial(config, READY, BOOT_TIMEOUT)
+    events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
+    assert "with accelerator kvm" in events and "accelerator kvm failed" in events and "trying tcg" in events
+    # The failure is remembered: the next choice skips KVM without trying it again.
+    choice = runtime.accelerator("auto", engine.data.cache_dir)
+    assert choice.chosen == "tcg" and "kvm" not in choice.ladder
+    engine.stop("fallback", force=True)

@@ -169,6 +169,9 @@ class VMSession:
         self.stop_requested = False
         self.clean_shutdown = False
         self.accel_error = ""
+        #: True until start() returns; an accelerator failure seen meanwhile is retried by start() itself.
+        self.starting = proc is not None
+        self.fallback: list[str] = []
         self._serial_writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -178,12 +181,7 @@ class VMSession:
         return self.supervisor.data
 
     def log(self, message: str) -> None:
-        """One timestamped line in the VM's ``logs/events.log``, and on the bus."""
-        line = f"{_now()} {message}\n"
-        with contextlib.suppress(OSError):
-            with open(self.data.vm_path(self.config.id, "logs", "events.log"), "a", encoding="utf-8") as handle:
-                handle.write(line)
-        self.supervisor.bus.publish("vm.log", vm=self.config.id, line=line.rstrip("\n"))
+        self.supervisor.vm_log(self.config, message)
 
     def set_state(self, state: str) -> None:
         if state == self.state:
@@ -238,9 +236,12 @@ class VMSession:
         if name == "running":
             self.set_state("running")
         elif name in ("internal-error",):
-            self.accel_error = "the accelerator failed inside the guest (QEMU run state: internal-error)"
+            line = accel_module.accel_failure_line(self.supervisor.qemu_log_tail(self.config)) or ""
+            self.accel_error = (f"accelerator {self.record.accel} failed inside the guest"
+                                f"{': ' + line if line else ' (QEMU run state: internal-error)'}")
             self.log(f"QEMU stopped the guest: {self.accel_error}")
             self.set_state("crashed")
+            self.supervisor._accelerator_failed(self)
         elif name == "guest-panicked":
             self.set_state("crashed")
         elif name == "shutdown":
@@ -351,6 +352,14 @@ class Supervisor:
         self._dir_fds: dict[str, int] = {}
 
     # -- helpers ----------------------------------------------------------------------------------------
+    def vm_log(self, config: VMConfig, message: str) -> None:
+        """One timestamped line in the VM's ``logs/events.log``, and on the bus."""
+        line = f"{_now()} {message}"
+        with contextlib.suppress(OSError):
+            with open(self.data.vm_path(config.id, "logs", "events.log"), "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+        self.bus.publish("vm.log", vm=config.id, line=line)
+
     def run_dir_fd(self, vm_id: str) -> int:
         if vm_id not in self._dir_fds:
             self._dir_fds[vm_id] = os.open(self.data.vm_path(vm_id, "run"), os.O_RDONLY)
@@ -455,9 +464,12 @@ class Supervisor:
                 try:
                     return self._start_once(config, runtime, rungs)
                 except StartError as error:
-                    if not (error.accel_failure and config.accel == "auto" and len(rungs) > 1):
+                    if not error.accel_failure:
                         raise
-                    self.bus.publish("vm.log", vm=config.id, line=f"accelerator {rungs[0]} failed; trying {rungs[1]}")
+                    self._remember_accel_failure(runtime, rungs[0], str(error))
+                    if config.accel != "auto" or len(rungs) < 2:
+                        raise
+                    self.vm_log(config, f"accelerator {rungs[0]} failed ({error}); trying {rungs[1]}")
                     rungs = rungs[1:]
         except BaseException:
             if not self._session(config):
@@ -529,10 +541,44 @@ class Supervisor:
             self.sessions[config.id] = session
         threading.Thread(target=self._wait_child, args=(session,), daemon=True,
                          name=f"wait-{config.name}").start()
+        session.starting = False
+        if session.fallback:
+            self._kill(session)
+            self.data.lock_vm(config)
+            return self._start_once(config, runtime, session.fallback)
         if session.state == "crashed" and session.accel_error:
             self._kill(session)
             raise StartError(f"{config.label}: {session.accel_error}", self.qemu_log_tail(config), True)
         return self.status(config)
+
+    def _remember_accel_failure(self, runtime: Runtime, rung: str, reason: str) -> None:
+        """The next start skips a rung that passed its self-test but failed a real guest (until reboot)."""
+        accel_module.VerdictCache(self.data.cache_dir, runtime.qemu).put(
+            accel_module.AccelVerdict(rung, False, f"failed a real guest: {reason}"))
+
+    def _accelerator_failed(self, session: VMSession) -> None:
+        """The accelerator passed its self-test yet failed this guest: remember that, and in auto mode
+        restart the VM on the next rung of the ladder (from a thread: start() blocks on the QMP loop)."""
+        runtime = self._runtime()
+        self._remember_accel_failure(runtime, session.record.accel, session.accel_error)
+        remaining = session.record.ladder[1:]
+        if session.config.accel != "auto" or not remaining:
+            session.log("start it again with another accelerator (VM setting accel), e.g. tcg")
+            return
+        session.log(f"restarting on the next accelerator: {remaining[0]}")
+
+        def restart() -> None:
+            self._kill(session)
+            try:
+                self.data.lock_vm(session.config)
+                self._start_once(session.config, runtime, remaining)
+            except ThalunixError as error:
+                self.data.unlock_vm(session.config)
+                self.vm_log(session.config, f"restart on {remaining[0]} failed: {error}")
+        if session.starting:
+            session.fallback = remaining   # start() is still on the stack: it restarts itself
+        else:
+            threading.Thread(target=restart, daemon=True, name=f"fallback-{session.config.name}").start()
 
     def _wait_child(self, session: VMSession) -> None:
         assert session.proc is not None
