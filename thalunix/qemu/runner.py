@@ -613,10 +613,18 @@ class Supervisor:
         return self._execute(self.require_session(config), command, arguments, timeout)
 
     def pause(self, config: VMConfig) -> None:
-        self.qmp(config, "stop")
+        session = self.require_session(config)
+        self._execute(session, "stop")
+        # QEMU answers `stop` once the guest is stopped; its STOP event may still be on its way.
+        self.loop.run(self._refresh_state(session), 10)
 
     def resume(self, config: VMConfig) -> None:
-        self.qmp(config, "cont")
+        session = self.require_session(config)
+        self._execute(session, "cont")
+        self.loop.run(self._refresh_state(session), 10)
+
+    async def _refresh_state(self, session: VMSession) -> None:
+        session._apply_status(await session.qmp.execute("query-status"))  # type: ignore[arg-type]
 
     def reset(self, config: VMConfig) -> None:
         self.qmp(config, "system_reset")
