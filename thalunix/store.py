@@ -255,18 +255,37 @@ class DataFolder:
     # -- VMs ------------------------------------------------------------------------------------------
     def list_vms(self) -> list[VMEntry]:
         """Every VM folder, sorted by name; a broken config is listed with its error, not hidden."""
-        entries: list[VMEntry] = []
-        if not self.vms_dir.is_dir():
-            return entries
-        for folder in self.vms_dir.iterdir():
-            if not folder.is_dir() or folder.name.startswith("."):
-                continue
-            try:
-                entries.append(VMEntry(folder.name, folder, self._read_config(folder)))
-            except CorruptConfigError as error:
-                entries.append(VMEntry(folder.name, folder, None, str(error)))
+        entries = [self.read_vm(vm_id) for vm_id in self.vm_stamps()]
         entries.sort(key=lambda entry: (entry.config.name.lower() if entry.config else "~" + entry.id))
         return entries
+
+    def vm_stamps(self) -> dict[str, tuple[int, int, int] | None]:
+        """Each VM folder's id → a stamp of its config file (inode, size, mtime) that changes with every save.
+
+        Cheap (one directory scan, one stat per VM): callers cache what they derive from a config by it.
+        """
+        stamps: dict[str, tuple[int, int, int] | None] = {}
+        try:
+            folders = list(os.scandir(self.vms_dir))
+        except OSError:
+            return stamps
+        for folder in folders:
+            if folder.name.startswith(".") or not folder.is_dir():
+                continue
+            try:
+                info = os.stat(os.path.join(folder.path, CONFIG_NAME))
+                stamps[folder.name] = (info.st_ino, info.st_size, info.st_mtime_ns)
+            except OSError:
+                stamps[folder.name] = None
+        return stamps
+
+    def read_vm(self, vm_id: str) -> VMEntry:
+        """One VM folder's entry: its config, or why it could not be read."""
+        folder = self.vms_dir / vm_id
+        try:
+            return VMEntry(vm_id, folder, self._read_config(folder))
+        except CorruptConfigError as error:
+            return VMEntry(vm_id, folder, None, str(error))
 
     def _read_config(self, folder: Path) -> VMConfig:
         path = folder / CONFIG_NAME
