@@ -122,7 +122,8 @@ def build_argv(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[s
         _require(caps, "qemu-xhci", config, "usb_tablet")
         argv += ["-device", "qemu-xhci,id=xhci", "-device", "usb-tablet,bus=xhci.0"]
     if plan.tpm_socket:
-        if caps.tpm_backends and not caps.has_tpm_emulator:
+        # An empty list means "not probed" unless the probe left a note (Windows builds have no -tpmdev at all).
+        if (caps.tpm_backends or "tpm" in caps.notes) and not caps.has_tpm_emulator:
             raise ValidationError(f"{config.label}: this QEMU has no TPM emulation; set TPM to off", "tpm")
         argv += ["-chardev", f"socket,id=chrtpm,path={_escape(plan.tpm_socket)}",
                  "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
@@ -137,6 +138,9 @@ def _uuid(hex_id: str) -> str:
 def _machine(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[str]:
     if caps.machines and config.machine not in caps.machines:
         raise ValidationError(f"{config.label}: this QEMU has no {config.machine!r} machine", "machine")
+    if config.firmware == "uefi-secure" and config.machine != "q35":
+        # OVMF's Secure Boot build needs q35's SMM; on pc it never reaches its boot screen (tried: blank VGA).
+        raise ValidationError(f"{config.label}: Secure Boot needs the q35 machine type", "machine")
     machine = [config.machine]
     argv: list[str] = []
     if config.firmware in ("uefi", "uefi-secure"):
@@ -216,7 +220,12 @@ def _drives(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[str]
     boot = _boot_indexes(config)
     buses = _Buses(config, caps)
     argv: list[str] = []
-    for disk in config.disks:
+    for index, disk in enumerate(config.disks):
+        if disk.readonly and disk.bus in ("sata", "ide"):
+            # ide-hd always asks for write access ("Block node is read-only"); ATA disks have no write protect.
+            raise ValidationError(f"{config.label}: disk {index + 1} is read-only, which a {disk.bus.upper()} disk "
+                                  "cannot be; use the virtio, scsi or nvme bus, or make it writable",
+                                  f"disks[{index}].readonly")
         argv += ["-blockdev", _blockdev(disk.id, _resolve(plan, disk.path, config), disk.format, disk.readonly)]
         bootindex = f",bootindex={boot[disk.id]}" if disk.id in boot else ""
         if disk.bus == "virtio":
