@@ -152,6 +152,18 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def free_vnc_port() -> int:
+    """A free TCP port of the form 5900+N, since QEMU's -vnc takes a display number, not a port."""
+    for display in secrets.SystemRandom().sample(range(100, 2000), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", 5900 + display))
+            except OSError:
+                continue
+            return 5900 + display
+    raise StartError("no free VNC port between 6000 and 7900 on 127.0.0.1; close some programs and try again")
+
+
 class VMSession:
     """One running VM, attached: its QMP client, serial reader, state and exit."""
 
@@ -485,7 +497,7 @@ class Supervisor:
         windows = os.name == "nt"
         if windows:
             qmp, serial = Endpoint.tcp(free_port()), Endpoint.tcp(free_port())
-            vnc = Endpoint.tcp(5900 + (free_port() % 1000)) if config.display.kind == "vnc" else None
+            vnc = Endpoint.tcp(free_vnc_port()) if config.display.kind == "vnc" else None
         else:
             # Relative names: QEMU runs in run/, which keeps socket paths short however deep the data folder.
             qmp, serial = Endpoint.unix("qmp.sock"), Endpoint.unix("serial.sock")
