@@ -17,20 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thalunix.errors import ConflictError, ValidationError
+from thalunix.errors import ConflictError, ThalunixError, ValidationError
 from thalunix.events import EventBus
 from thalunix.model import (CDRom, Disk, HostLimits, Nic, PortForward, VMConfig, parse_ram_mib, parse_size,
                             validate)
 from thalunix.qemu.img import QemuImg
 from thalunix.qemu.runner import Supervisor
 from thalunix.runtime import Runtime
-from thalunix.store import DataFolder
+from thalunix.store import DataFolder, VMEntry
+
+#: What ``read_log`` serves: the VM's own logs, by kind.
+LOG_KINDS = {"events": "events.log", "qemu": "qemu.log", "serial": "serial.log"}
+#: Files offered as installation media.
+ISO_SUFFIXES = (".iso", ".img")
 
 
 @dataclass
@@ -69,6 +75,12 @@ class Engine:
     def resume(self, name: str) -> None: raise NotImplementedError
     def reset(self, name: str) -> None: raise NotImplementedError
     def status(self, name: str) -> dict[str, Any]: raise NotImplementedError
+    def screenshot(self, name: str) -> bytes: raise NotImplementedError
+    def vnc_info(self, name: str) -> dict[str, Any]: raise NotImplementedError
+    def send_serial(self, name: str, data: bytes) -> None: raise NotImplementedError
+    def serial_output(self, name: str) -> bytes: raise NotImplementedError
+    def read_log(self, name: str, kind: str = "events", tail: int = 1 << 20) -> str: raise NotImplementedError
+    def isos(self) -> list[dict[str, Any]]: raise NotImplementedError
 
 
 class DirectEngine(Engine):
@@ -81,6 +93,10 @@ class DirectEngine(Engine):
         self._runtime: Runtime | None = None
         self._runtime_lock = threading.Lock()
         self.supervisor = Supervisor(data, self.runtime, self.bus, self.host)
+        # vm id → (config stamp, entry) and (last-exit stamp, state): an unchanged VM is not parsed again.
+        self._entries: dict[str, tuple[tuple[int, int, int] | None, VMEntry]] = {}
+        self._exits: dict[str, tuple[tuple[int, int, int], str]] = {}
+        self._list_lock = threading.Lock()
 
     @classmethod
     def open(cls, data_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> "DirectEngine":
@@ -95,16 +111,49 @@ class DirectEngine(Engine):
 
     # -- definitions ------------------------------------------------------------------------------------
     def list(self) -> list[dict[str, Any]]:
+        """Every VM with its state, sorted by name; unreadable ones as ``broken`` with the reason.
+
+        Called on every refresh of every front, so it is cheap: a config is parsed again only when
+        its file changed, and a stopped VM costs two ``stat`` calls (no QEMU, no socket, no lock).
+        """
+        stamps = self.data.vm_stamps()
         rows = []
-        for entry in self.data.list_vms():
-            if entry.config is None:
-                rows.append({"id": entry.id, "name": None, "state": "broken", "error": entry.error})
-                continue
-            status = self.supervisor.status(entry.config)
-            rows.append({"id": entry.id, "name": entry.config.name, "state": status["state"],
-                         "os": entry.config.os, "cpus": entry.config.cpus, "ram_mib": entry.config.ram_mib,
-                         "firmware": entry.config.firmware})
+        with self._list_lock:
+            for gone in set(self._entries) - set(stamps):
+                del self._entries[gone]
+            for vm_id, stamp in stamps.items():
+                cached = self._entries.get(vm_id)
+                if cached is None or stamp is None or cached[0] != stamp:
+                    cached = (stamp, self.data.read_vm(vm_id))
+                    self._entries[vm_id] = cached
+                entry = cached[1]
+                if entry.config is None:
+                    rows.append({"id": entry.id, "name": None, "state": "broken", "error": entry.error})
+                    continue
+                config = entry.config
+                rows.append({"id": entry.id, "name": config.name, "state": self._list_state(config),
+                             "os": config.os, "cpus": config.cpus, "ram_mib": config.ram_mib,
+                             "firmware": config.firmware})
+        rows.sort(key=lambda row: row["name"].lower() if row["name"] else "~" + row["id"])
         return rows
+
+    def _list_state(self, config: VMConfig) -> str:
+        session = self.supervisor.sessions.get(config.id)
+        if session is not None and not session.exited.is_set():
+            return session.state
+        if self.data.vm_path(config.id, "run", "state.json").exists():
+            # Running, or left behind by a Thalunix that died: the supervisor checks the pid.
+            return str(self.supervisor.status(config)["state"])
+        try:
+            info = self.data.vm_path(config.id, "run", "last-exit.json").stat()
+        except OSError:
+            return "stopped"
+        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._exits.get(config.id)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, str(self.supervisor.status(config)["state"]))
+            self._exits[config.id] = cached
+        return cached[1]
 
     def get(self, name: str) -> VMConfig:
         return self.data.find_vm(name)
@@ -209,6 +258,84 @@ class DirectEngine(Engine):
 
     def status(self, name: str) -> dict[str, Any]:
         return self.supervisor.status(self.get(name))
+
+    # -- console, screen, logs -------------------------------------------------------------------------
+    def screenshot(self, name: str) -> bytes:
+        """The VM's screen as PNG bytes (QMP ``screendump``; the file passes through the VM's run/ folder)."""
+        config = self.get(name)
+        if config.display.kind == "none":
+            raise ConflictError(f"{config.label} has no display (display: none); set the display to vnc to see "
+                                "its screen")
+        target = self.data.vm_path(config.id, "run", f"screen-{secrets.token_hex(4)}.png")
+        try:
+            self.supervisor.qmp(config, "screendump", {"filename": str(target), "format": "png"}, timeout=30)
+            return target.read_bytes()
+        except OSError as error:
+            raise ThalunixError(f"{config.label}: QEMU wrote no screenshot ({error}); see its log") from None
+        finally:
+            target.unlink(missing_ok=True)
+
+    def vnc_info(self, name: str) -> dict[str, Any]:
+        """Where the VM's screen is served (QEMU's websocket VNC on 127.0.0.1) and this start's password."""
+        config = self.get(name)
+        if config.display.kind != "vnc":
+            raise ConflictError(f"{config.label} has no VNC display (display: {config.display.kind}); "
+                                "set the display to vnc and restart it")
+        record = self.supervisor.require_session(config).record
+        if not record.websocket_port:
+            raise ConflictError(f"{config.label} was started without a VNC websocket; restart it")
+        return {"websocket_port": record.websocket_port, "password": record.vnc_password, "host": "127.0.0.1"}
+
+    def send_serial(self, name: str, data: bytes) -> None:
+        """Type ``data`` into the VM's serial line."""
+        self.supervisor.send_serial(self.get(name), data)
+
+    def serial_output(self, name: str) -> bytes:
+        """Recent serial output: the live buffer while running, else the end of serial.log."""
+        return self.supervisor.serial_output(self.get(name))
+
+    def read_log(self, name: str, kind: str = "events", tail: int = 1 << 20) -> str:
+        """The end (``tail`` bytes) of one of the VM's logs: ``events``, ``qemu`` or ``serial``."""
+        if kind not in LOG_KINDS:
+            raise ValidationError(f"log kind {kind!r} is unknown; choose one of {', '.join(LOG_KINDS)}", "kind")
+        config = self.get(name)
+        path = self.data.vm_path(config.id, "logs", LOG_KINDS[kind])
+        try:
+            with open(path, "rb") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - max(0, tail)))
+                return handle.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+        except OSError as error:
+            raise ThalunixError(f"{config.label}: cannot read {path}: {error}") from None
+
+    def isos(self) -> list[dict[str, Any]]:
+        """ISO files in the data folder's isos/ plus every ISO a VM uses, with the VMs using it."""
+        found: dict[str, dict[str, Any]] = {}
+
+        def add(stored: str) -> dict[str, Any]:
+            if stored not in found:
+                path = self.data.resolve(stored)
+                try:
+                    size: int | None = path.stat().st_size
+                except OSError:
+                    size = None
+                found[stored] = {"path": stored, "name": path.name, "full_path": str(path), "size": size,
+                                 "exists": size is not None, "used_by": []}
+            return found[stored]
+
+        with contextlib.suppress(OSError):
+            for item in sorted(self.data.isos_dir.iterdir()):
+                if item.is_file() and item.suffix.lower() in ISO_SUFFIXES:
+                    add(self.data.to_stored_path(item))
+        for entry in self.data.list_vms():
+            for cdrom in entry.config.cdroms if entry.config else []:
+                if cdrom.path:
+                    users = add(cdrom.path)["used_by"]
+                    if entry.config.name not in users:
+                        users.append(entry.config.name)
+        return sorted(found.values(), key=lambda iso: str(iso["name"]).lower())
 
     def attach_running(self) -> list[str]:
         return self.supervisor.attach_all([e.config for e in self.data.list_vms() if e.config])
