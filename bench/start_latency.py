@@ -44,6 +44,7 @@ import json
 import os
 import platform
 import shutil
+import re
 import socket
 import statistics
 import subprocess
@@ -157,6 +158,8 @@ def run_bare(argv: list[str], run_dir: Path, log_path: Path, timeout: float = 30
     for stale in ("qmp.sock", "serial.sock", "vnc.sock"):
         (run_dir / stale).unlink(missing_ok=True)
     qmp_path = str(run_dir / "qmp.sock")
+    # The library hands QEMU a QMP socket it made itself (fd=N); bare QEMU makes its own, as a user's would.
+    argv = [re.sub(r"^socket,id=qmp,fd=\d+,", "socket,id=qmp,path=qmp.sock,", arg) for arg in argv]
     with open(log_path, "ab") as log:
         t0 = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=run_dir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

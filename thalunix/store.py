@@ -60,8 +60,11 @@ def default_data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(__file__).resolve().parent.parent / FOLDER_NAME
 
 
-def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half of one."""
+def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half of one.
+
+    ``durable=False`` skips the fsyncs, for run-time state that means nothing after a host crash.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     temp = Path(temp_name)
@@ -69,7 +72,8 @@ def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> 
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if keep_previous and path.exists():
             previous = path.with_name(path.name + ".prev")
             _copy_atomically(path, previous)
@@ -77,11 +81,13 @@ def atomic_write_bytes(path: Path, data: bytes, keep_previous: bool = False) -> 
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, data: Any, keep_previous: bool = False) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), keep_previous)
+def atomic_write_json(path: Path, data: Any, keep_previous: bool = False, durable: bool = True) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode(), keep_previous,
+                       durable)
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

@@ -70,6 +70,10 @@ class LaunchPlan:
     data_dir: str = ""
     vnc: Endpoint | None = None
     vnc_websocket_port: int = 0
+    #: A file holding the per-start VNC password (given at launch: no window without one).
+    vnc_password_file: str = ""
+    #: A listening QMP socket the runner made and QEMU inherits: the runner can connect at once.
+    qmp_fd: int = -1
     tpm_socket: str = ""
 
 
@@ -111,7 +115,8 @@ def build_argv(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[s
     argv += ["-cpu", "host" if plan.accel.split(",")[0] in ("kvm", "hvf") else "max"]
     argv += ["-smp", str(config.cpus), "-m", f"{config.ram_mib}M"]
     argv += ["-rtc", "base=localtime" if config.os.startswith("windows") else "base=utc"]
-    argv += ["-chardev", plan.qmp.chardev("qmp"), "-mon", "chardev=qmp,mode=control"]
+    qmp = f"socket,id=qmp,fd={plan.qmp_fd},server=on,wait=off" if plan.qmp_fd >= 0 else plan.qmp.chardev("qmp")
+    argv += ["-chardev", qmp, "-mon", "chardev=qmp,mode=control"]
     argv += _drives(config, caps, plan)
     argv += _network(config, caps)
     argv += _display(config, caps, plan)
@@ -293,6 +298,11 @@ def _display(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[str
             vnc = f"{plan.vnc.host}:{plan.vnc.port - 5900}"
         if plan.vnc_websocket_port:
             vnc += f",websocket={plan.vnc.host}:{plan.vnc_websocket_port}"
-        # The password is set over QMP at each start; until then nobody gets in.
-        argv += ["-vnc", vnc + ",password=on"]
+        if plan.vnc_password_file:
+            # A fresh password each start, read by QEMU itself at launch.
+            argv += ["-object", f"secret,id=vncpw,file={_escape(plan.vnc_password_file)}"]
+            argv += ["-vnc", vnc + ",password-secret=vncpw"]
+        else:
+            # Without a password file nobody gets in until one is set over QMP.
+            argv += ["-vnc", vnc + ",password=on"]
     return argv

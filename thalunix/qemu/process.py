@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import IO
 
 
-def spawn(argv: list[str], cwd: Path, log: IO[bytes], env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], cwd: Path, log: IO[bytes], env: dict[str, str] | None = None,
+          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start ``argv`` detached from our terminal and process group, so it outlives us when asked to."""
     kwargs: dict = {}
     if os.name == "nt":
@@ -31,6 +32,7 @@ def spawn(argv: list[str], cwd: Path, log: IO[bytes], env: dict[str, str] | None
         kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW  # type: ignore[attr-defined]
     else:
         kwargs["start_new_session"] = True
+        kwargs["pass_fds"] = pass_fds
     return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                             close_fds=True, **kwargs)
 

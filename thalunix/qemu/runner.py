@@ -202,24 +202,21 @@ class VMSession:
         self.record.state = state
         if state not in ("stopped", "crashed"):
             with contextlib.suppress(OSError, ThalunixError):
-                atomic_write_json(self.data.vm_path(self.config.id, "run", "state.json"), self.record.to_dict())
+                atomic_write_json(self.data.vm_path(self.config.id, "run", "state.json"), self.record.to_dict(),
+                                  durable=False)
         self.supervisor.bus.publish("vm.state", vm=self.config.id, name=self.config.name, state=state)
 
     # -- connecting -------------------------------------------------------------------------------------
     def _address(self, endpoint: Endpoint) -> str | tuple[str, int]:
         if endpoint.kind == "tcp":
             return (endpoint.host, endpoint.port)
-        path = self.data.vm_path(self.config.id, "run", endpoint.path)
-        if len(str(path)) < UNIX_PATH_MAX:
-            return str(path)
-        # A deep data folder overflows sun_path; /proc/self/fd/N/name is short and reaches the same socket.
-        return f"/proc/self/fd/{self.supervisor.run_dir_fd(self.config.id)}/{endpoint.path}"
+        return self.supervisor.unix_address(self.config, endpoint.path)
 
     async def attach(self, timeout: float = QMP_CONNECT_TIMEOUT) -> None:
         """Connect QMP (retrying while QEMU creates its socket), then read state, events and serial."""
         address = self._address(self.record.qmp)
         deadline = time.monotonic() + timeout
-        delay = 0.005
+        delay = 0.002
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise StartError("QEMU exited before its monitor answered")
@@ -235,7 +232,7 @@ class VMSession:
                     await self.qmp.disconnect()
                 self.qmp = QMPClient(f"thalunix-{self.config.name}")
                 await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 0.05)
+                delay = min(delay * 1.2, 0.02)
         self._tasks.append(asyncio.ensure_future(self._watch_events()))
         status = await self.qmp.execute("query-status")
         self._apply_status(status)  # type: ignore[arg-type]
@@ -328,8 +325,9 @@ class VMSession:
                                "accel_error": self.accel_error})
             self.data.vm_path(self.config.id, "run", "state.json").unlink(missing_ok=True)
         self.set_state(final)
-        self.exited.set()
+        # Unlock before waking waiters: whoever stop() returns to may start the VM again at once.
         self.supervisor._session_ended(self)
+        self.exited.set()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -371,6 +369,14 @@ class Supervisor:
             with open(self.data.vm_path(config.id, "logs", "events.log"), "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
         self.bus.publish("vm.log", vm=config.id, line=line)
+
+    def unix_address(self, config: VMConfig, name: str) -> str:
+        """The path to reach socket ``name`` in the VM's run/ folder, short enough for sun_path."""
+        path = self.data.vm_path(config.id, "run", name)
+        if len(str(path)) < UNIX_PATH_MAX:
+            return str(path)
+        # A deep data folder overflows sun_path; /proc/self/fd/N/name is short and reaches the same socket.
+        return f"/proc/self/fd/{self.run_dir_fd(config.id)}/{name}"
 
     def run_dir_fd(self, vm_id: str) -> int:
         if vm_id not in self._dir_fds:
@@ -491,7 +497,7 @@ class Supervisor:
     def _start_once(self, config: VMConfig, runtime: Runtime, rungs: list[str]) -> dict[str, Any]:
         run_dir = self.data.vm_path(config.id, "run")
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("qmp.sock", "serial.sock", "vnc.sock"):
+        for stale in ("qmp.sock", "serial.sock", "vnc.sock", "vnc.secret"):
             (run_dir / stale).unlink(missing_ok=True)
         code, vars_path = prepare_firmware(config, runtime, self.data)
         windows = os.name == "nt"
@@ -503,6 +509,14 @@ class Supervisor:
             qmp, serial = Endpoint.unix("qmp.sock"), Endpoint.unix("serial.sock")
             vnc = Endpoint.unix("vnc.sock") if config.display.kind == "vnc" else None
         websocket_port = free_port() if vnc else 0
+        vnc_password = secrets.token_urlsafe(6)[:8]   # VNC passwords stop at 8 characters
+        password_file = ""
+        if vnc:
+            password_file = str(run_dir / "vnc.secret")
+            fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(vnc_password)
+        qmp_listener = self._listen_qmp(config, qmp)
         accel_args: list[str] = []
         for rung in rungs[:1]:
             accel_args += ["-accel", rung]
@@ -513,7 +527,8 @@ class Supervisor:
                           serial_log=serial_log, paths=paths, accel_args=tuple(accel_args), accel=rungs[0],
                           firmware_code=code, firmware_vars=vars_path,
                           data_dir=str(runtime.data_dir) if runtime.data_dir else "", vnc=vnc,
-                          vnc_websocket_port=websocket_port)
+                          vnc_websocket_port=websocket_port, vnc_password_file=password_file,
+                          qmp_fd=qmp_listener.fileno() if qmp_listener else -1)
         argv = build_argv(config, runtime.caps, plan)
         log_path = self.data.vm_path(config.id, "logs", "qemu.log")
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -522,12 +537,16 @@ class Supervisor:
             log.write(("=== argv: " + " ".join(argv) + "\n").encode())
             log.flush()
             try:
-                proc = process.spawn(argv, cwd=run_dir, log=log)
+                proc = process.spawn(argv, cwd=run_dir, log=log,
+                                     pass_fds=(qmp_listener.fileno(),) if qmp_listener else ())
             except OSError as error:
                 raise StartError(f"{config.label}: cannot run {runtime.qemu}: {error}") from None
+            finally:
+                if qmp_listener:
+                    qmp_listener.close()   # QEMU holds it now; if QEMU dies, connecting fails at once
         record = RunRecord(pid=proc.pid, token=process.start_token(proc.pid), qmp=qmp,
                            serial=plan.serial, vnc=vnc, websocket_port=websocket_port,
-                           vnc_password=secrets.token_urlsafe(6)[:8], accel=rungs[0], ladder=rungs,
+                           vnc_password=vnc_password, accel=rungs[0], ladder=rungs,
                            started_at=_now(), argv=argv)
         (self.data.vm_path(config.id, "run", "last-exit.json")).unlink(missing_ok=True)
         session = VMSession(self, config, record, proc)
@@ -535,8 +554,6 @@ class Supervisor:
         session.log(f"starting QEMU pid {proc.pid} with accelerator {rungs[0]}")
         try:
             self.loop.run(session.attach(), timeout=QMP_CONNECT_TIMEOUT + 5)
-            if vnc:
-                self.loop.run(session.qmp.execute("change-vnc-password", {"password": record.vnc_password}), 10)
         except BaseException as error:
             with contextlib.suppress(Exception):
                 self.loop.run(session.close(), timeout=5)
@@ -591,6 +608,20 @@ class Supervisor:
             session.fallback = remaining   # start() is still on the stack: it restarts itself
         else:
             threading.Thread(target=restart, daemon=True, name=f"fallback-{session.config.name}").start()
+
+    def _listen_qmp(self, config: VMConfig, endpoint: Endpoint) -> socket.socket | None:
+        """Make QMP's listening socket ourselves and hand it to QEMU: the runner connects without retrying."""
+        if endpoint.kind != "unix" or not hasattr(socket, "AF_UNIX"):
+            return None
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(self.unix_address(config, endpoint.path))
+            listener.listen(1)
+            listener.set_inheritable(True)
+        except OSError:
+            listener.close()
+            return None   # QEMU makes the socket itself, the runner retries
+        return listener
 
     def _wait_child(self, session: VMSession) -> None:
         assert session.proc is not None
