@@ -50,6 +50,7 @@ from thalunix.qemu import process
 from thalunix.qemu.argv import Endpoint, LaunchPlan, build_argv
 from thalunix.runtime import Runtime
 from thalunix.store import DataFolder, atomic_write_json
+from thalunix.tpm import TpmManager
 
 # qemu.qmp reports every EOF of a dying QEMU as an error; a VM powering off is not one.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
@@ -233,6 +234,13 @@ class VMSession:
                 self.qmp = QMPClient(f"thalunix-{self.config.name}")
                 await asyncio.sleep(delay)
                 delay = min(delay * 1.2, 0.02)
+        if self.proc is None and not self.serial_buffer:
+            # Re-attached: what the guest printed meanwhile is in QEMU's own serial log.
+            with contextlib.suppress(OSError):
+                log = self.data.vm_path(self.config.id, "logs", "serial.log")
+                with open(log, "rb") as handle:
+                    handle.seek(max(0, log.stat().st_size - SERIAL_BUFFER))
+                    self.serial_buffer += handle.read()
         self._tasks.append(asyncio.ensure_future(self._watch_events()))
         status = await self.qmp.execute("query-status")
         self._apply_status(status)  # type: ignore[arg-type]
@@ -325,6 +333,7 @@ class VMSession:
                                "accel_error": self.accel_error})
             self.data.vm_path(self.config.id, "run", "state.json").unlink(missing_ok=True)
         self.set_state(final)
+        self.supervisor.tpm.release_later(self.config)   # normally it has ended by itself already
         # Unlock before waking waiters: whoever stop() returns to may start the VM again at once.
         self.supervisor._session_ended(self)
         self.exited.set()
@@ -356,6 +365,7 @@ class Supervisor:
         self._runtime = runtime
         self.bus = bus or EventBus()
         self.host = host or HostLimits.probe()
+        self.tpm = TpmManager(data, self.bus)
         self.loop = LoopThread()
         self.sessions: dict[str, VMSession] = {}
         self._lock = threading.RLock()
@@ -491,6 +501,7 @@ class Supervisor:
                     rungs = rungs[1:]
         except BaseException:
             if not self._session(config):
+                self.tpm.release(config, wait=0)
                 self.data.unlock_vm(config)
             raise
 
@@ -500,6 +511,7 @@ class Supervisor:
         for stale in ("qmp.sock", "serial.sock", "vnc.sock", "vnc.secret"):
             (run_dir / stale).unlink(missing_ok=True)
         code, vars_path = prepare_firmware(config, runtime, self.data)
+        tpm = self.tpm.prepare(config, runtime)   # TpmError: the VM does not start, nothing is left running
         windows = os.name == "nt"
         if windows:
             qmp, serial = Endpoint.tcp(free_port()), Endpoint.tcp(free_port())
@@ -528,7 +540,8 @@ class Supervisor:
                           firmware_code=code, firmware_vars=vars_path,
                           data_dir=str(runtime.data_dir) if runtime.data_dir else "", vnc=vnc,
                           vnc_websocket_port=websocket_port, vnc_password_file=password_file,
-                          qmp_fd=qmp_listener.fileno() if qmp_listener else -1)
+                          qmp_fd=qmp_listener.fileno() if qmp_listener else -1,
+                          tpm_socket=tpm.socket if tpm else "")
         argv = build_argv(config, runtime.caps, plan)
         log_path = self.data.vm_path(config.id, "logs", "qemu.log")
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -602,6 +615,7 @@ class Supervisor:
                 self.data.lock_vm(session.config)
                 self._start_once(session.config, runtime, remaining)
             except ThalunixError as error:
+                self.tpm.release(session.config, wait=0)
                 self.data.unlock_vm(session.config)
                 self.vm_log(session.config, f"restart on {remaining[0]} failed: {error}")
         if session.starting:
