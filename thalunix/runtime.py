@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from thalunix.accel import AccelChoice
 
 ENV_RUNTIME = "THALUNIX_RUNTIME"
+ENV_HELPER_VM = "THALUNIX_HELPER_VM"   # a helper VM image folder, overriding the bundled/checkout one
 PROBE_VERSION = 2   # bump when the parsing below changes, so old caches are not trusted
 EXE = ".exe" if os.name == "nt" else ""
 
@@ -230,6 +231,8 @@ class Runtime:
     data_dir: Path | None
     caps: Capabilities
     source: str  # "bundled" or "system"
+    #: The swtpm helper micro-VM image folder (manifest.json, vmlinux, initrd.img), if any.
+    helper_vm: Path | None = None
 
     @classmethod
     def discover(cls, cache_dir: Path | None = None, search_path: str | None = None) -> "Runtime":
@@ -262,7 +265,8 @@ class Runtime:
 
         return cls(qemu=qemu, qemu_img=sibling("qemu-img"), swtpm=sibling("swtpm"),
                    firmware=find_firmware(firmware_dirs), data_dir=data_dir,
-                   caps=cached_capabilities(qemu, cache_dir, data_dir), source=source)
+                   caps=cached_capabilities(qemu, cache_dir, data_dir), source=source,
+                   helper_vm=find_helper_vm(bin_dir.parent if source == "bundled" else None))
 
     def accelerator(self, preference: str, cache_dir: Path) -> "AccelChoice":
         """The accelerator ladder for ``preference`` (auto/kvm/whpx/hvf/haxm/tcg), self-tested and cached."""
@@ -275,6 +279,28 @@ class Runtime:
             raise RuntimeMissingError(f"qemu-img was not found next to {self.qemu} or on PATH; install "
                                       "qemu-utils or use the portable Thalunix build")
         return self.qemu_img
+
+
+def find_helper_vm(bundled_root: Path | None = None) -> Path | None:
+    """The swtpm helper VM image: ``$THALUNIX_HELPER_VM``, the bundled runtime's, or a checkout's build.
+
+    A checkout's images are built by ``helper-vm/build.py`` into ``.cache/helper-vm/<key>/``;
+    its ``current`` file names the newest. Only the folder is found here; the image is checked
+    (manifest, sizes, sha256) when it is used, by ``thalunix.tpm.helper.HelperImage``.
+    """
+    if os.environ.get(ENV_HELPER_VM):
+        return Path(os.environ[ENV_HELPER_VM])
+    roots = ([bundled_root] if bundled_root else []) + bundled_roots()
+    for root in roots:
+        folder = root / "share" / "thalunix" / "helper-vm"
+        if (folder / "manifest.json").is_file():
+            return folder
+    cache = Path(__file__).resolve().parent.parent / ".cache" / "helper-vm"
+    try:
+        key = (cache / "current").read_text().strip()
+    except OSError:
+        return None
+    return cache / key if key and (cache / key).is_dir() else None
 
 
 def cached_capabilities(qemu: Path, cache_dir: Path | None, data_dir: Path | None = None) -> Capabilities:
