@@ -3,8 +3,13 @@
 Human output by default, ``--json`` for scripts. Errors print one line naming
 what failed and what to do, and exit with status 1 (2 for a malformed command).
 
+Without a command it opens the Thalunix window (or, where no window can open, serves the
+interface and prints its link, saying why).
+
 Example::
 
+    thalunix                            # the window
+    thalunix serve [--port N]           # headless: prints one line, the link to open in a browser
     thalunix vm create debian --iso debian.iso --ram 2G --disk 20G --forward tcp:2222:22
     thalunix vm start debian
     thalunix vm show debian --json      # {"name": "debian", "state": "running", ...}
@@ -39,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     commands.add_parser("doctor", parents=[common], help="report QEMU, accelerators, firmware and the data folder")
+    serve = commands.add_parser("serve", help="serve the interface and API on 127.0.0.1 without a window; "
+                                              "prints the link to open")
+    serve.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    serve.add_argument("--stop-vms-on-exit", action="store_true",
+                       help="stop the running VMs when serving ends (default: leave them running)")
 
     vm_parser = commands.add_parser("vm", help="manage virtual machines")
     vm = vm_parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_parser_with(common))
@@ -70,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--timeout", type=float, default=60, help="seconds to wait for the guest (default 60)")
     console = vm.add_parser("console", help="attach to the serial console (Ctrl+] leaves)")
     console.add_argument("name")
+    screenshot = vm.add_parser("screenshot", help="save a running VM's screen as a PNG file")
+    screenshot.add_argument("name")
+    screenshot.add_argument("file", help="where to write the PNG ('-' for standard output)")
     log = vm.add_parser("log", help="print a VM's logs")
     log.add_argument("name")
     log.add_argument("--serial", action="store_true", help="the serial console log")
@@ -114,9 +127,6 @@ def _print(args: argparse.Namespace, data: Any, human: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 0
     engine: DirectEngine | None = None
     try:
         engine = DirectEngine.open(args.data_dir)
@@ -136,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
+    if not args.command:
+        return _open_window(engine, args)
+    if args.command == "serve":
+        return _serve(engine, port=args.port, stop_vms=args.stop_vms_on_exit)
     if args.command == "doctor":
         from thalunix.doctor import diagnose, render
         report = diagnose(engine)
@@ -193,7 +207,57 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
         return _log(engine, args)
     if verb == "console":
         return _console(engine, args.name)
+    if verb == "screenshot":
+        png = engine.screenshot(args.name)
+        if args.file == "-":
+            sys.stdout.buffer.write(png)
+            sys.stdout.buffer.flush()
+            return 0
+        try:
+            Path(args.file).expanduser().write_bytes(png)
+        except OSError as error:
+            raise ValidationError(f"cannot write the screenshot to {args.file}: {error.strerror or error}; "
+                                  "pick another file", "file") from None
+        _print(args, {"file": str(Path(args.file).expanduser().absolute()), "bytes": len(png)},
+               f"Saved the screen of VM {args.name!r} to {args.file}")
+        return 0
     raise ValidationError(f"unknown command {verb!r}")
+
+
+def _serve(engine: DirectEngine, port: int = 0, stop_vms: bool = False) -> int:
+    """Serve the API and interface until Ctrl+C or SIGTERM; stdout gets exactly one line, the link."""
+    import signal
+
+    from thalunix.api import ApiServer
+    engine.attach_running()
+    server = ApiServer(engine, port=port).start()
+    finished = threading.Event()
+    previous = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        previous[number] = signal.signal(number, lambda *_: finished.set())
+    try:
+        print(server.launch_url, flush=True)
+        finished.wait()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        server.stop()
+        engine.close(stop_vms=stop_vms)
+    return 0
+
+
+def _open_window(engine: DirectEngine, args: argparse.Namespace) -> int:
+    from thalunix.gui import run_window, window_unavailable_reason
+    reason = window_unavailable_reason()
+    if reason:
+        print(f"thalunix: no window: {reason}; serving the interface instead (open the link below "
+              "in a browser; Ctrl+C ends)", file=sys.stderr, flush=True)
+        return _serve(engine)
+    run_window(engine)
+    # pywebview can leave a non-daemon thread behind after its window closed: leave for sure.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _edit_changes(engine: DirectEngine, args: argparse.Namespace) -> dict[str, Any]:

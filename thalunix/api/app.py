@@ -211,7 +211,8 @@ def _query_bool(name: str) -> bool:
 def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | None = None,
                heartbeat: float = HEARTBEAT_SECONDS) -> bottle.Bottle:
     """The bottle app over ``engine``; ``closing`` ends every event stream when the server stops."""
-    app = bottle.Bottle(catchall=True, autojson=False)
+    app = bottle.Bottle(catchall=True)
+    app.config["json.enable"] = False   # answers are JSON-encoded here, errors included
     web = Path(web_root) if web_root else DEFAULT_WEB_ROOT
     document = openapi_document()
 
