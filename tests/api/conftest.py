@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -36,6 +40,44 @@ class Api:
 
     def delete(self, path: str, **kwargs: Any) -> requests.Response:
         return self.session.delete(self.url + path, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+
+class EventReader:
+    """Reads an SSE stream in a thread; events land in a queue as (event, data)."""
+
+    def __init__(self, api: Api, query: str = "") -> None:
+        self.response = api.session.get(api.url + "/api/events" + query, stream=True, timeout=60)
+        assert self.response.status_code == 200, self.response.text
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        kind, data = "message", ""
+        try:
+            for line in self.response.iter_lines(decode_unicode=True):
+                if line.startswith(":"):
+                    self.events.put(("comment", line))
+                elif line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = line[5:].strip()
+                elif line == "" and data:
+                    self.events.put((kind, json.loads(data)))
+                    kind, data = "message", ""
+        except (requests.RequestException, AttributeError):
+            pass
+        self.events.put(("end", None))
+
+    def next(self, kinds: set[str], timeout: float = 30) -> tuple[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            kind, data = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if kind in kinds or kind == "end":
+                return kind, data
+
+    def close(self) -> None:
+        self.response.close()
 
 
 @pytest.fixture

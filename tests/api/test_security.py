@@ -8,7 +8,6 @@ import http.client
 import socket
 from pathlib import Path
 
-import pytest
 import requests
 
 from thalunix.api import ApiServer
