@@ -233,6 +233,21 @@ class DataFolder:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def quarantine_dir(self) -> Path:
+        """Downloads that failed verification, kept with the reason, never offered as usable."""
+        return self.downloads_dir / "quarantine"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Publisher OpenPGP keys fetched by a key refresh (the shipped ones live in the app)."""
+        return self.cache_dir / "keys"
+
+    @property
+    def catalog_file(self) -> Path:
+        """A refreshed ISO catalog (its signature beside it as ``catalog.json.sig``)."""
+        return self.cache_dir / "catalog.json"
+
     def vm_dir(self, vm_id: str) -> Path:
         if not vm_id or not all(c in "0123456789abcdef" for c in vm_id):
             raise ValidationError(f"{vm_id!r} is not a VM id", "id")
