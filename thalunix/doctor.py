@@ -45,7 +45,27 @@ def diagnose(engine: DirectEngine) -> dict[str, Any]:
                                               for v in choice.verdicts]}
     except ThalunixError as error:
         report["accelerator"] = {"chosen": None, "summary": str(error), "verdicts": []}
+    report["tpm"] = tpm_report(engine, runtime)
     return report
+
+
+def tpm_report(engine: DirectEngine, runtime: Any) -> dict[str, Any]:
+    """What each TPM backend needs here, and what a VM with TPM 'auto' would get (and why)."""
+    from thalunix.model import VMConfig
+    from thalunix.tpm import TpmManager
+    from thalunix.tpm.helper import HelperImage
+    manager = TpmManager(engine.data, engine.bus)
+    helper: dict[str, Any] = {"path": str(runtime.helper_vm or "")}
+    try:
+        image = HelperImage.load(runtime.helper_vm)
+        helper.update(usable=True, kernel=str(image.kernel), ram_mib=image.ram_mib)
+    except ThalunixError as error:
+        helper.update(usable=False, reason=str(error))
+    choice = manager.choose(VMConfig(name="doctor", tpm="auto"), runtime)
+    return {"emulator": runtime.caps.has_tpm_emulator,
+            "emulator_reason": "" if runtime.caps.has_tpm_emulator else runtime.caps.notes.get("tpm", ""),
+            "swtpm": str(runtime.swtpm or ""), "native_problem": manager.native_problem(runtime),
+            "helper_vm": helper, "auto": choice.backend or "off", "auto_reason": choice.reason}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -70,4 +90,14 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"Accelerator: {acc.get('chosen') or 'none'} — {acc['summary']}")
     for verdict in acc.get("verdicts", []):
         lines.append(f"  {'ok ' if verdict['usable'] else 'no '} {verdict['name']}: {verdict['reason']}")
+    tpm = report.get("tpm")
+    if tpm:
+        lines.append(f"TPM: VMs with TPM 'auto' get {tpm['auto']} — {tpm['auto_reason']}")
+        if not tpm["emulator"]:
+            lines.append(f"  no  QEMU TPM emulation: {tpm['emulator_reason']}")
+        lines.append(f"  {'ok ' if not tpm['native_problem'] else 'no '} native swtpm: "
+                     f"{tpm['swtpm'] if not tpm['native_problem'] else tpm['native_problem']}")
+        helper = tpm["helper_vm"]
+        lines.append(f"  {'ok ' if helper['usable'] else 'no '} helper VM: "
+                     f"{helper['path'] if helper['usable'] else helper['reason']}")
     return "\n".join(lines)

@@ -95,6 +95,8 @@ class TpmManager:
         self.bus = bus
         self._leases: dict[str, TpmLease] = {}
         self._releasing: dict[str, threading.Thread] = {}
+        #: How long a helper may take from launch to its first answered TPM command.
+        self.helper_ready_timeout = 60.0
         self._lock = threading.RLock()
 
     # -- choosing ---------------------------------------------------------------------------------------
@@ -109,13 +111,13 @@ class TpmManager:
                 return TpmChoice(None, f"no TPM: {reason}")
             raise TpmUnavailableError(f"{config.label}: TPM is '{mode}' but {reason}; set TPM to auto or off, or "
                                       "use a QEMU with TPM emulation")
-        native_problem = self._native_problem(runtime)
+        native_problem = self.native_problem(runtime)
         if mode == "native" or (mode in ("on", "auto") and not native_problem):
             if native_problem:
                 raise TpmUnavailableError(f"{config.label}: TPM is 'native' but {native_problem}; install swtpm "
                                           "(Debian/Ubuntu: apt install swtpm) or set TPM to helper or auto")
             return TpmChoice("native", f"native swtpm {runtime.swtpm}")
-        helper_problem = self._helper_problem(runtime)
+        helper_problem = self.helper_problem(runtime)
         if not helper_problem:
             why = f"swtpm is not usable here ({native_problem}); " if native_problem and mode != "helper" else ""
             return TpmChoice("helper", f"{why}swtpm helper VM {runtime.helper_vm}")
@@ -128,7 +130,7 @@ class TpmManager:
                                   "(apt install swtpm) or build the helper image, or set TPM to auto or off")
 
     @staticmethod
-    def _native_problem(runtime: Runtime) -> str:
+    def native_problem(runtime: Runtime) -> str:
         if runtime.swtpm is None:
             return "swtpm was not found (not bundled, not on PATH)"
         if not os.access(runtime.swtpm, os.X_OK):
@@ -136,7 +138,7 @@ class TpmManager:
         return ""
 
     @staticmethod
-    def _helper_problem(runtime: Runtime) -> str:
+    def helper_problem(runtime: Runtime) -> str:
         try:
             HelperImage.load(runtime.helper_vm)
         except HelperImageError as error:
@@ -220,7 +222,8 @@ class TpmManager:
                 "state_disk": str(tpm_dir / HELPER_DISK), "socket": SOCKET_NAME, "log_file": str(log_path),
                 "accel": accel, "machines": runtime.caps.machines,
                 "data_dir": str(runtime.data_dir) if runtime.data_dir else "",
-                "accept_timeout": HELPER_ACCEPT_TIMEOUT, "name": f"{config.label}'s TPM helper"}
+                "accept_timeout": HELPER_ACCEPT_TIMEOUT, "ready_timeout": self.helper_ready_timeout,
+                "name": f"{config.label}'s TPM helper"}
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"=== thalunix: start {_now()} accel={accel}\n")
             log.flush()

@@ -1,0 +1,101 @@
+"""Real UEFI guests with a TPM through each backend: /sys/class/tpm/tpm0 exists and PCR 0 is measured."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from thalunix.engine import DirectEngine
+from thalunix.runtime import Capabilities
+from thalunix.tpm import TpmUnavailableError
+
+from tpm.support import boot_to_prompt, pcr0, wait_no_processes
+
+pytestmark = pytest.mark.qemu
+
+
+def assert_measured(listing: str, value: str) -> None:
+    assert "tpm0" in listing.split(), listing
+    assert re.fullmatch(r"[0-9A-F]{64}", value), value
+    assert set(value) != {"0"}, "PCR 0 is all zero: the firmware measured nothing into this TPM"
+
+
+def test_native_swtpm_uefi_guest(engine: DirectEngine, make_vm, data_dir: Path) -> None:
+    make_vm("native", firmware="uefi", tpm="native")
+    config = engine.get("native")
+    engine.start("native")
+    events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
+    assert "TPM: native swtpm pid" in events
+    assert "-tpmdev" in engine.supervisor.sessions[config.id].record.argv
+    boot_to_prompt(engine, "native")
+    assert_measured(*pcr0(engine, "native"))
+    assert engine.stop("native", force=True)["state"] == "stopped"
+    assert engine.supervisor.tpm.wait_released(config)
+    assert wait_no_processes(data_dir) == []
+    # The TPM's state stays in the VM's folder for the next start.
+    assert list(engine.data.vm_path(config.id, "tpm").glob("tpm2-00.permall"))
+
+
+def test_helper_vm_uefi_guest_outlives_the_thalunix_that_started_it(engine: DirectEngine, make_vm, data_dir: Path,
+                                                                   helper_image: Path) -> None:
+    make_vm("helped", firmware="uefi", tpm="helper")
+    config = engine.get("helped")
+    with engine.bus.subscribe(accept=lambda e: e["type"] == "vm.log" and e.get("vm") == config.id) as logs:
+        engine.start("helped")
+        lines = []
+        while (event := logs.get(timeout=0.5)) is not None:
+            lines.append(event["line"])
+    # The helper's own console shows in the VM's log stream (the console panel) and in events.log.
+    assert any("tpm-helper: THALUNIX-HELPER: starting swtpm" in line for line in lines), lines
+    assert any("TPM: helper VM on 127.0.0.1:" in line for line in lines), lines
+    events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
+    assert "tpm-helper: THALUNIX-HELPER: starting swtpm" in events
+    boot_to_prompt(engine, "helped")
+    first = pcr0(engine, "helped")
+    assert_measured(*first)
+
+    # `thalunix vm start` exits right away: the VM and its TPM must go on without this process's help.
+    engine.close(stop_vms=False)
+    later = DirectEngine.open(data_dir)
+    try:
+        assert later.status("helped")["state"] == "running"
+        assert pcr0(later, "helped") == first
+        assert later.stop("helped", force=True)["state"] == "stopped"
+        assert later.supervisor.tpm.wait_released(later.get("helped"))
+    finally:
+        later.close()
+    assert wait_no_processes(data_dir) == []
+    assert engine.data.vm_path(config.id, "tpm", "helper-state.img").stat().st_size == 4 << 20
+    assert "ended (QEMU closed the TPM control channel)" in \
+        engine.data.vm_path(config.id, "logs", "events.log").read_text() or \
+        "powering off" in engine.data.vm_path(config.id, "logs", "tpm-helper.log").read_text()
+
+
+def _without_emulation(engine: DirectEngine) -> None:
+    """This QEMU as a Windows build sees it: `-tpmdev` is not an option there."""
+    runtime = engine.runtime()
+    caps = Capabilities(**{**dataclasses.asdict(runtime.caps), "tpm_backends": [],
+                           "notes": {"tpm": "this QEMU build has no TPM emulation (QEMU builds for Windows never have it)"}})
+    engine._runtime = dataclasses.replace(runtime, caps=caps)
+
+
+def test_host_without_tpm_emulation(engine: DirectEngine, make_vm, data_dir: Path) -> None:
+    _without_emulation(engine)
+    make_vm("plain", tpm="auto")
+    config = engine.get("plain")
+    engine.start("plain")
+    argv = engine.supervisor.sessions[config.id].record.argv
+    assert "-tpmdev" not in argv
+    events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
+    assert "TPM: no TPM: this QEMU build has no TPM emulation" in events
+    engine.stop("plain", force=True)
+
+    for mode in ("on", "native", "helper"):
+        engine.edit("plain", {"tpm": mode})
+        with pytest.raises(TpmUnavailableError, match=f"TPM is '{mode}' but this QEMU build has no TPM emulation"):
+            engine.start("plain")
+        assert engine.status("plain")["state"] == "stopped"
+    assert wait_no_processes(data_dir) == []
