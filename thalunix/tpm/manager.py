@@ -122,7 +122,7 @@ class TpmManager:
             why = f"swtpm is not usable here ({native_problem}); " if native_problem and mode != "helper" else ""
             return TpmChoice("helper", f"{why}swtpm helper VM {runtime.helper_vm}")
         if mode == "helper":
-            raise TpmUnavailableError(f"{config.label}: TPM is 'helper' but {helper_problem}")
+            raise HelperImageError(f"{config.label}: TPM is 'helper' but {helper_problem}")
         both = f"native: {native_problem}; helper VM: {helper_problem}"
         if mode == "auto":
             return TpmChoice(None, f"no TPM ({both})")
