@@ -25,7 +25,8 @@ VENV_PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 # What Thalunix itself needs on a Linux host when run from source.
 RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm", "swtpm-tools"]
 # What the test suite adds: the test guest's build tools (tests/guest/build.py keeps its own list).
-TEST_PACKAGES = ["nasm", "xvfb"]
+TEST_PACKAGES = ["nasm", "xvfb",
+                 "tpm2-tools", "zstd", "lz4"]   # TPM tests: NV through the helper; helper-vm/build.py
 
 
 def _guest_packages() -> list[str]:
