@@ -205,6 +205,7 @@ class DirectEngine(Engine):
             except BaseException:
                 self.data.delete_vm(created.id)   # no VM without its disk
                 raise
+        self.bus.publish("vm.config", vm=created.id, name=created.name, change="created")
         return created
 
     def edit(self, name: str, changes: dict[str, Any]) -> VMConfig:
@@ -221,6 +222,7 @@ class DirectEngine(Engine):
         updated.set_defaults()
         validate(updated, self.host, self.data.exists)
         self.data.save_vm(updated)
+        self.bus.publish("vm.config", vm=updated.id, name=updated.name, change="edited")
         return updated
 
     def delete(self, name: str, keep_disks: bool = False) -> None:
@@ -239,6 +241,8 @@ class DirectEngine(Engine):
         finally:
             self.data.unlock_vm(config)
         self.data.delete_vm(config.id)
+        # Every front's list learns of new, changed and deleted VMs from the bus, as it does of states.
+        self.bus.publish("vm.config", vm=config.id, name=config.name, change="deleted")
 
     # -- running ----------------------------------------------------------------------------------------
     def start(self, name: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from thalunix.model.network import PROTOCOLS
 from thalunix.qemu.runner import STATES
 
 #: Event types the stream carries.
-EVENT_TYPES = ("vm.state", "vm.serial", "vm.log", "job.progress")
+EVENT_TYPES = ("vm.state", "vm.serial", "vm.log", "vm.config", "job.progress")
 STOP_TIMEOUT_MAX = 3600
 CONSOLE_INPUT_MAX = 64 * 1024
 LOG_TAIL_MAX = 8 << 20
