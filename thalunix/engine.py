@@ -26,8 +26,10 @@ from typing import Any
 
 from thalunix.errors import ConflictError, ThalunixError, ValidationError
 from thalunix.events import EventBus
-from thalunix.model import (CDRom, Disk, HostLimits, Nic, PortForward, VMConfig, parse_ram_mib, parse_size,
-                            validate)
+from thalunix.jobs import JobManager
+from thalunix.model import (DISK_BUSES, DISK_FORMATS, CDRom, Disk, HostLimits, Nic, PortForward, VMConfig,
+                            parse_ram_mib, parse_size, validate)
+from thalunix.model.base import choice
 from thalunix.qemu.img import QemuImg
 from thalunix.qemu.runner import Supervisor
 from thalunix.runtime import Runtime
@@ -93,6 +95,8 @@ class DirectEngine(Engine):
         self._runtime: Runtime | None = None
         self._runtime_lock = threading.Lock()
         self.supervisor = Supervisor(data, self.runtime, self.bus, self.host)
+        # Long operations; opening sweeps work folders a killed Thalunix left in tmp/.
+        self.jobs = JobManager(self.bus, data)
         # vm id → (config stamp, entry) and (last-exit stamp, state): an unchanged VM is not parsed again.
         self._entries: dict[str, tuple[tuple[int, int, int] | None, VMEntry]] = {}
         self._exits: dict[str, tuple[tuple[int, int, int], str]] = {}
@@ -165,6 +169,9 @@ class DirectEngine(Engine):
 
     def create(self, options: CreateOptions) -> VMConfig:
         """Validate everything first; only then make the disk and register the VM."""
+        # Checked even when no disk is made: a wrong choice is an error, not something silently dropped.
+        choice(options.disk_format, DISK_FORMATS, "disk_format", "disk format")
+        choice(options.disk_bus, DISK_BUSES, "disk_bus", "disk bus")
         config = VMConfig(name=options.name, os=options.os, cpus=options.cpus, ram_mib=parse_ram_mib(options.ram),
                           machine=options.machine, firmware=options.firmware, tpm=options.tpm,
                           accel=options.accel)
@@ -229,6 +236,8 @@ class DirectEngine(Engine):
         config = self.get(name)
         if self.supervisor.status(config)["state"] not in ("stopped", "crashed"):
             raise ConflictError(f"{config.label} is running; stop it before deleting it")
+        from thalunix.disks import refuse_if_linked
+        refuse_if_linked(self, config, "be deleted")
         self.data.lock_vm(config)
         try:
             if keep_disks:
@@ -340,6 +349,107 @@ class DirectEngine(Engine):
                     if entry.config.name not in users:
                         users.append(entry.config.name)
         return sorted(found.values(), key=lambda iso: str(iso["name"]).lower())
+
+    # -- disks, snapshots, clones, export/import (thin: the work is in disks/snapshots/clone/archive) ---------
+    # Long operations return a job dict at once ({"id": ..., "state": "running"}; progress as job.progress
+    # events), or the finished job with wait=True. Each verb maps to one REST route.
+    def _job(self, kind: str, config: VMConfig | None, title: str, work: Any, wait: bool,
+             lock: bool = True) -> dict[str, Any]:
+        from thalunix import disks
+        if config is not None:
+            busy = self.jobs.busy(config)
+            if busy:
+                raise ConflictError(f"{config.label} is busy with {busy.title} (job {busy.id}); wait for it or "
+                                    "cancel it")
+
+        def run(job: Any) -> Any:
+            if config is None or not lock:
+                return work(job)
+            with disks.exclusive(self, config):
+                return work(job)
+        job = self.jobs.start(kind, run, vm=config, title=title, wait=wait)
+        return job.to_dict()
+
+    def disks(self, name: str) -> list[dict[str, Any]]:
+        from thalunix import disks
+        return disks.list_disks(self, self.get(name))
+
+    def disk_add(self, name: str, size: str | int | None = None, path: str | None = None, format: str = "qcow2",
+                 bus: str = "virtio", readonly: bool = False) -> dict[str, Any]:
+        from thalunix import disks
+        return disks.add_disk(self, self.get(name), size=size, path=path, fmt=format, bus=bus, readonly=readonly)
+
+    def disk_remove(self, name: str, disk: str, delete_file: bool = False) -> dict[str, Any]:
+        from thalunix import disks
+        return disks.remove_disk(self, self.get(name), disk, delete_file=delete_file)
+
+    def disk_resize(self, name: str, disk: str, size: str | int, force_shrink: bool = False) -> dict[str, Any]:
+        from thalunix import disks
+        return disks.resize_disk(self, self.get(name), disk, size, force_shrink=force_shrink)
+
+    def disk_convert(self, name: str, disk: str, format: str, wait: bool = False) -> dict[str, Any]:
+        from thalunix import disks
+        config = self.get(name)
+        disks.require_stopped(self, config, f"convert disk {disk}")
+        return self._job("disk.convert", config, f"converting {config.name}/{disk} to {format}",
+                         lambda job: disks.convert_disk(self, config, disk, format, job), wait)
+
+    def disk_check(self, name: str, disk: str, repair: str | None = None) -> dict[str, Any]:
+        from thalunix import disks
+        return disks.check_disk(self, self.get(name), disk, repair=repair)
+
+    def snapshots(self, name: str) -> dict[str, Any]:
+        from thalunix import snapshots
+        return snapshots.list_snapshots(self, self.get(name))
+
+    def snapshot_create(self, name: str, snapshot: str, description: str = "",
+                        live: bool | None = None) -> dict[str, Any]:
+        from thalunix import disks, snapshots
+        config = self.get(name)
+        with disks.exclusive(self, config):
+            return snapshots.create_snapshot(self, config, snapshot, description=description, live=live)
+
+    def snapshot_revert(self, name: str, snapshot: str) -> dict[str, Any]:
+        from thalunix import disks, snapshots
+        config = self.get(name)
+        with disks.exclusive(self, config):
+            return snapshots.revert_snapshot(self, config, snapshot)
+
+    def snapshot_delete(self, name: str, snapshot: str) -> dict[str, Any]:
+        from thalunix import disks, snapshots
+        config = self.get(name)
+        with disks.exclusive(self, config):
+            return snapshots.delete_snapshot(self, config, snapshot)
+
+    def clone(self, name: str, new_name: str, linked: bool = False, tpm: str = "fresh",
+              wait: bool = False) -> dict[str, Any]:
+        from thalunix import clone, disks
+        config = self.get(name)
+        disks.require_stopped(self, config, "clone it")
+        return self._job("vm.clone", config, f"{'linked' if linked else 'full'} clone of {config.name} as {new_name}",
+                         lambda job: clone.clone_vm(self, config, new_name, linked=linked, tpm=tpm, job=job), wait)
+
+    def export(self, name: str, file: str, wait: bool = False) -> dict[str, Any]:
+        from thalunix import archive, disks
+        config = self.get(name)
+        disks.require_stopped(self, config, "export it")
+        return self._job("vm.export", config, f"exporting {config.name}",
+                         lambda job: archive.export_vm(self, config, file, job), wait)
+
+    def import_vm(self, file: str, name: str | None = None, wait: bool = False) -> dict[str, Any]:
+        from thalunix import archive
+        archive.read_manifest(Path(file).expanduser().absolute())   # refuse a foreign file before any job
+        return self._job("vm.import", None, f"importing {Path(file).name}",
+                         lambda job: archive.import_vm(self, file, job, name=name), wait)
+
+    def jobs_list(self) -> list[dict[str, Any]]:
+        return self.jobs.list()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.get(job_id).to_dict()
+
+    def job_cancel(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.cancel(job_id)
 
     def attach_running(self) -> list[str]:
         return self.supervisor.attach_all([e.config for e in self.data.list_vms() if e.config])

@@ -366,6 +366,33 @@ class DataFolder:
             _fsync_dir(self.vms_dir)
         return config
 
+    def adopt_vm(self, staging: Path, config: VMConfig, rename_on_clash: bool = False) -> VMConfig:
+        """Register a VM folder prepared elsewhere (a clone, an import) by one rename into ``vms/``.
+
+        ``staging`` must be on this data folder's filesystem (its ``tmp/``) and hold everything but
+        ``vm.json``, which is written here. On a name clash: refuse, or take ``NAME-2``, ``NAME-3`` …
+        """
+        validate_name(config.name)
+        config.set_defaults()
+        with self._folder_lock():
+            if rename_on_clash:
+                taken = {entry.config.name.lower() for entry in self.list_vms() if entry.config}
+                base, number = config.name, 2
+                while config.name.lower() in taken:
+                    suffix = f"-{number}"
+                    config.name = base[:64 - len(suffix)].rstrip(" .") + suffix
+                    number += 1
+            self._check_name_free(config.name, exclude_id=None)
+            target = self.vm_dir(config.id)
+            if target.exists():
+                raise ConflictError(f"a VM folder {target} already exists")
+            for name in VM_SUBFOLDERS:
+                (staging / name).mkdir(exist_ok=True)
+            atomic_write_json(staging / CONFIG_NAME, config.to_dict())
+            os.replace(staging, target)
+            _fsync_dir(self.vms_dir)
+        return config
+
     def save_vm(self, config: VMConfig) -> None:
         """Write an edited config atomically, keeping the previous one as ``vm.json.prev``."""
         validate_name(config.name)
