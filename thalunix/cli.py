@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("name")
     log.add_argument("--serial", action="store_true", help="the serial console log")
     log.add_argument("--qemu", action="store_true", help="QEMU's own output")
+    _storage_parsers(vm)
     return parser
 
 
@@ -221,6 +222,8 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
         _print(args, {"file": str(Path(args.file).expanduser().absolute()), "bytes": len(png)},
                f"Saved the screen of VM {args.name!r} to {args.file}")
         return 0
+    if verb in ("disk", "snapshot", "clone", "export", "import"):
+        return _storage(engine, args)
     raise ValidationError(f"unknown command {verb!r}")
 
 
@@ -383,6 +386,153 @@ def _console(engine: DirectEngine, name: str) -> int:
             termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
     return 0
 
+
+# -- disks, snapshots, clones, export/import ----------------------------------------------------------------
+def _storage_parsers(vm: Any) -> None:
+    disk = vm.add_parser("disk", help="list, add, remove, resize, convert or check a VM's disks")
+    disk.add_argument("name")
+    disk_verbs = disk.add_subparsers(dest="disk_verb", metavar="ACTION", parser_class=type(disk))
+    disk_verbs.required = True
+    disk_verbs.add_parser("list", help="the VM's disks with sizes and snapshots")
+    add = disk_verbs.add_parser("add", help="add a new empty disk (--size) or an existing image (--path); "
+                                            "hot-plugged if the VM runs")
+    add.add_argument("--size", help="size of a new disk, e.g. 20G")
+    add.add_argument("--path", help="an existing image to attach")
+    add.add_argument("--format", choices=DISK_FORMATS, default="qcow2")
+    add.add_argument("--bus", choices=DISK_BUSES, default="virtio")
+    add.add_argument("--readonly", action="store_true")
+    remove = disk_verbs.add_parser("remove", help="take a disk off the VM (unplugged if it runs)")
+    remove.add_argument("disk", help="disk id (disk1) or file name")
+    remove.add_argument("--delete-file", action="store_true", help="also erase the image if it is in the VM's folder")
+    resize = disk_verbs.add_parser("resize", help="grow a disk (shrinking needs --force-shrink)")
+    resize.add_argument("disk")
+    resize.add_argument("size", help="new size, e.g. 40G")
+    resize.add_argument("--force-shrink", action="store_true",
+                        help="allow making it smaller: data past the new end is lost")
+    convert = disk_verbs.add_parser("convert", help="convert a disk between raw and qcow2 (VM stopped)")
+    convert.add_argument("disk")
+    convert.add_argument("format", choices=DISK_FORMATS)
+    check = disk_verbs.add_parser("check", help="check a qcow2 disk for errors and leaked clusters")
+    check.add_argument("disk")
+    check.add_argument("--repair", choices=("leaks", "all"), help="repair what the check finds")
+
+    snapshot = vm.add_parser("snapshot", help="take, list, revert to or delete snapshots")
+    snapshot.add_argument("name")
+    snapshot.add_argument("action", choices=("create", "list", "revert", "delete"))
+    snapshot.add_argument("snapshot", nargs="?", help="snapshot name")
+    snapshot.add_argument("--live", action="store_true", default=None,
+                          help="include the memory state (the VM must be running)")
+    snapshot.add_argument("--offline", dest="live", action="store_false",
+                          help="disks only (the VM must be stopped)")
+    snapshot.add_argument("--description", default="")
+
+    clone = vm.add_parser("clone", help="clone a stopped VM (full copy, or --linked on the source's disks)")
+    clone.add_argument("name")
+    clone.add_argument("new_name")
+    clone.add_argument("--linked", action="store_true", help="qcow2 overlays on the source's disks (fast, small)")
+    clone.add_argument("--tpm", choices=("fresh", "copy"), default="fresh", help="a new TPM, or the source's state")
+
+    export = vm.add_parser("export", help="write a stopped VM to one .7z file")
+    export.add_argument("name")
+    export.add_argument("file")
+    imp = vm.add_parser("import", help="import a VM from a .7z export (verified first)")
+    imp.add_argument("file")
+    imp.add_argument("--name", dest="new_name", help="name for the imported VM (default: its own, renamed if taken)")
+
+
+def _run_job(engine: DirectEngine, args: argparse.Namespace, start: Any) -> Any:
+    """Start a job, show its progress on stderr, cancel it on Ctrl+C; return its result or raise its error."""
+    from thalunix.jobs import raise_for
+    show = sys.stderr.isatty() and not args.json
+    with engine.bus.subscribe(accept=lambda e: e["type"] == "job.progress") as events:
+        job = start()
+        handle = engine.jobs.get(job["id"])
+        try:
+            while not handle.done.wait(0.2):
+                event = events.get(timeout=0)
+                while event is not None:
+                    if show and event.get("job") == handle.id:
+                        print(f"\r{event['percent']:6.1f}%  {event['message'][:60]:60}", end="", file=sys.stderr,
+                              flush=True)
+                    event = events.get(timeout=0)
+        except KeyboardInterrupt:
+            handle.cancel()
+            handle.done.wait(60)
+        if show:
+            print(file=sys.stderr)
+    return raise_for(handle)
+
+
+def _storage(engine: DirectEngine, args: argparse.Namespace) -> int:
+    verb = args.verb
+    if verb == "disk":
+        action = args.disk_verb
+        if action == "list":
+            rows = engine.disks(args.name)
+            lines = [f"{'ID':7} {'FORMAT':6} {'BUS':6} {'SIZE':>9}  FILE"]
+            for row in rows:
+                extra = f"  (on {row['backing_file']})" if row.get("backing_file") else ""
+                snaps = f"  snapshots: {', '.join(row['snapshots'])}" if row.get("snapshots") else ""
+                lines.append(f"{row['id']:7} {row['format']:6} {row['bus']:6} {row.get('size', '?'):>9}  "
+                             f"{row['path']}{extra}{snaps}")
+            _print(args, rows, "\n".join(lines) if rows else f"VM {args.name!r} has no disks")
+        elif action == "add":
+            row = engine.disk_add(args.name, size=args.size, path=args.path, format=args.format, bus=args.bus,
+                                  readonly=args.readonly)
+            _print(args, row, f"Added {row['id']} ({row.get('size', '')} {row['format']}, {row['bus']}) to {args.name!r}")
+        elif action == "remove":
+            result = engine.disk_remove(args.name, args.disk, delete_file=args.delete_file)
+            _print(args, result, f"Removed {result['removed']} from {args.name!r}"
+                   + (" and deleted its file" if result["file_deleted"] else f"; its file stays at {result['path']}"))
+        elif action == "resize":
+            row = engine.disk_resize(args.name, args.disk, args.size, force_shrink=args.force_shrink)
+            _print(args, row, f"Disk {row['id']} of {args.name!r} is now {row.get('size')}")
+        elif action == "convert":
+            result = _run_job(engine, args, lambda: engine.disk_convert(args.name, args.disk, args.format))
+            _print(args, result, f"Disk {result['id']} of {args.name!r} is now {result['format']} ({result['path']})")
+        elif action == "check":
+            result = engine.disk_check(args.name, args.disk, repair=args.repair)
+            report = result["report"]
+            _print(args, result, f"Disk {result['disk']}: " + ("no errors, no leaked clusters" if result["clean"] else
+                   f"{report['check-errors']} check errors, {report['corruptions']} corruptions, "
+                   f"{report['leaks']} leaked clusters" + ("" if args.repair else "; repair with --repair leaks|all")))
+            return 0 if result["clean"] else 3
+        return 0
+    if verb == "snapshot":
+        action = args.action
+        if action == "list":
+            from thalunix.snapshots import render_tree
+            listing = engine.snapshots(args.name)
+            _print(args, listing, render_tree(listing))
+            return 0
+        if not args.snapshot:
+            raise ValidationError(f"vm snapshot {action} needs a snapshot name", "snapshot")
+        if action == "create":
+            result = engine.snapshot_create(args.name, args.snapshot, description=args.description, live=args.live)
+            _print(args, result, f"Snapshot {args.snapshot!r} of {args.name!r} taken "
+                                 f"({'with memory state' if result['live'] else 'disks only'})")
+        elif action == "revert":
+            result = engine.snapshot_revert(args.name, args.snapshot)
+            _print(args, result, f"{args.name!r} is back at {args.snapshot!r}: {result['note']}")
+        else:
+            result = engine.snapshot_delete(args.name, args.snapshot)
+            _print(args, result, f"Deleted snapshot {args.snapshot!r} of {args.name!r}")
+        return 0
+    if verb == "clone":
+        result = _run_job(engine, args, lambda: engine.clone(args.name, args.new_name, linked=args.linked,
+                                                              tpm=args.tpm))
+        _print(args, result, f"Made {'linked' if result['linked'] else 'full'} clone {result['name']!r} of "
+                             f"{args.name!r} in {result['folder']}")
+        return 0
+    if verb == "export":
+        result = _run_job(engine, args, lambda: engine.export(args.name, args.file))
+        _print(args, result, f"Exported {args.name!r} to {result['file']} ({result['size'] >> 20} MiB)")
+        return 0
+    result = _run_job(engine, args, lambda: engine.import_vm(args.file, name=args.new_name))
+    _print(args, result, f"Imported VM {result['name']!r}"
+           + (f" (renamed from {result['original_name']!r}, which is taken)" if result["renamed"] else "")
+           + f" into {result['folder']}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -305,10 +305,11 @@ def revert_snapshot(engine: "DirectEngine", config: VMConfig, name: str) -> dict
     """Go back to a snapshot: live (``snapshot-load``) while running, offline (``qemu-img snapshot -a``) when stopped."""
     validate_snapshot_name(name)
     config = disks.reload(engine, config)
-    disks.refuse_if_linked(engine, config, f"revert to snapshot {name!r}")
-    images = _images(engine, config)
     listing = {row["name"]: row for row in list_snapshots(engine, config)["snapshots"]}
     row = listing.get(name)
+    if row is not None:
+        disks.refuse_if_linked(engine, config, f"revert to snapshot {name!r}")
+    images = _images(engine, config)
     if row is None or not row["available"]:
         known = ", ".join(n for n, r in listing.items() if r["available"]) or "none"
         raise NotFoundError(f"{config.label} has no snapshot {name!r}; its snapshots: {known}")
