@@ -72,7 +72,9 @@ async function refresh() {
   }
 }
 refresh();
-new EventSource('/api/events?types=vm.state').addEventListener('vm.state', refresh);
+const events = new EventSource('/api/events?types=vm.state,vm.config');
+events.addEventListener('vm.state', refresh);
+events.addEventListener('vm.config', refresh);
 </script></main></body></html>
 """
 
@@ -378,11 +380,9 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
     def vendor(path: str) -> Any:
         return _static(path, web / "node_modules")
 
-    @app.get("/<path:path>")
+    # Not under /api/: an unknown API path must answer 404 (or 405 with the right Allow), not a file lookup.
+    @app.get("/<path:re:(?!api/).*>")
     def static(path: str) -> Any:
-        if path.startswith("api/"):
-            return _json_response(404, {"error": "not-found", "field": None,
-                                        "message": f"there is no /{path} here; see /api/openapi.json for the routes"})
         return _static(path, web)
 
     return app

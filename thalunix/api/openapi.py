@@ -23,6 +23,7 @@ from thalunix.model import (ACCELERATORS, BOOT_DEVICES, CDROM_BUSES, DISK_BUSES,
                             FIRMWARES, MACHINES, NIC_MODELS, NIC_MODES, OS_HINTS, TPM_MODES, VGA_MODELS, CDRom,
                             Disk, Display, Nic, PortForward, VMConfig)
 from thalunix.model.network import PROTOCOLS
+from thalunix.model.vm import MAX_CPUS, MIN_RAM_MIB, NAME_MAX
 from thalunix.qemu.runner import STATES
 
 #: Event types the stream carries.
@@ -103,6 +104,8 @@ def _body(schema: dict[str, Any], required: bool = True) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
 
+NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": NAME_MAX, "pattern": r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
+               "description": "letters, digits, space, '.', '_', '-'; not ending with a dot or space"}
 ERROR = _json(_ref("Error"), "An error: its code, a message a person can act on, and the field at fault")
 NAME = {"name": "name", "in": "path", "required": True, "description": "the VM's name (or id)",
         "schema": {"type": "string", "minLength": 1}}
@@ -129,10 +132,15 @@ def openapi_document() -> dict[str, Any]:
                                  "description": "size of a new disk (20G) or the path of an existing image"}
     create_properties["iso"] = {"type": "string", "nullable": True, "description": "full path of an ISO file"}
     create_properties["forwards"]["items"]["description"] = "tcp:HOSTPORT:GUESTPORT"
+    create_properties["name"] = NAME_SCHEMA
+    create_properties["cpus"] = {"type": "integer", "minimum": 1, "maximum": MAX_CPUS, "default": 2}
     changes = {"type": "object", "properties": dataclass_properties(VMConfig), "additionalProperties": False,
                "minProperties": 1, "description": "vm.json fields to change (the VM must be stopped)"}
     for fixed in ("id", "created", "schema"):
         changes["properties"].pop(fixed)
+    changes["properties"]["name"] = NAME_SCHEMA
+    changes["properties"]["cpus"] = {"type": "integer", "minimum": 1, "maximum": MAX_CPUS}
+    changes["properties"]["ram_mib"] = {"type": "integer", "minimum": MIN_RAM_MIB}
     action_paths = {
         f"/api/vms/{{name}}/{verb}": {"post": _operation(
             f"{verb}_vm", text, status_ok, parameters=[NAME],
