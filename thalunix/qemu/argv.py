@@ -77,6 +77,10 @@ class LaunchPlan:
     tpm_socket: str = ""
 
 
+#: Spare PCIe root ports on q35 for disk hot-plug (see thalunix.disks).
+HOTPLUG_PORTS = 2
+
+
 def _escape(value: str) -> str:
     """QEMU's key=value syntax doubles commas inside values."""
     return value.replace(",", ",,")
@@ -133,6 +137,11 @@ def build_argv(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[s
         argv += ["-chardev", f"socket,id=chrtpm,path={_escape(plan.tpm_socket)}",
                  "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
                  "-device", "tpm-crb,tpmdev=tpm0" if config.machine == "q35" else "tpm-tis,tpmdev=tpm0"]
+    if config.machine == "q35":
+        # pcie.0 takes no hot-plugged devices: spare root ports (last, so no other device moves) let
+        # disks be plugged in while the VM runs (thalunix.disks); i440fx's pci.0 hot-plugs by itself.
+        for index in range(HOTPLUG_PORTS):
+            argv += ["-device", f"pcie-root-port,id=hotplug{index},chassis={index + 1}"]
     return argv
 
 
