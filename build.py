@@ -23,9 +23,11 @@ VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 # What Thalunix itself needs on a Linux host when run from source.
-RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm", "swtpm-tools"]
+RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm", "swtpm-tools",
+                # the window: WebKit for pywebview, and what PyGObject needs to build into .venv
+                "gir1.2-webkit2-4.1", "libgirepository1.0-dev", "libcairo2-dev", "pkg-config", "gcc", "python3-dev"]
 # What the test suite adds: the test guest's build tools (tests/guest/build.py keeps its own list).
-TEST_PACKAGES = ["nasm", "xvfb",
+TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under Xvfb, screenshotted
                  "tpm2-tools", "zstd", "lz4"]   # TPM tests: NV through the helper; helper-vm/build.py
 
 
