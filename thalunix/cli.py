@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--serial", action="store_true", help="the serial console log")
     log.add_argument("--qemu", action="store_true", help="QEMU's own output")
     _storage_parsers(vm)
+    _iso_parsers(commands, common)
     return parser
 
 
@@ -156,6 +158,8 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
         report = diagnose(engine)
         _print(args, report, render(report))
         return 0
+    if args.command == "iso":
+        return _iso(engine, args)
     verb = args.verb
     if verb == "list":
         rows = engine.list()
@@ -533,6 +537,174 @@ def _storage(engine: DirectEngine, args: argparse.Namespace) -> int:
            + (f" (renamed from {result['original_name']!r}, which is taken)" if result["renamed"] else "")
            + f" into {result['folder']}")
     return 0
+
+
+# -- iso: the download center -------------------------------------------------------------------------------
+def _iso_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
+    iso_parser = commands.add_parser("iso", help="ISO images: catalog, download (verified), add, list")
+    iso = iso_parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_parser_with(common))
+    iso.required = True
+    catalog = iso.add_parser("catalog", help="list the operating systems Thalunix can download")
+    catalog.add_argument("--refresh", action="store_true", help="fetch a newer signed catalog")
+    catalog.add_argument("--refresh-keys", action="store_true", help="fetch missing publisher keys (only keys "
+                                                                     "whose fingerprint the catalog lists)")
+    download = iso.add_parser("download", help="download an ISO, verify checksum and signature, file it in isos/")
+    download.add_argument("source", metavar="CATALOG-ID|URL")
+    download.add_argument("--sha256", metavar="HEX", help="the expected SHA-256 (needed for a URL, or an entry "
+                                                          "whose publisher offers no checksum)")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+    iso.add_parser("list", help="ISOs with their status: ready, downloading, verifying, quarantined")
+    add = iso.add_parser("add", help="register a local ISO (hashed; refused if --sha256 differs)")
+    add.add_argument("path")
+    add.add_argument("--sha256", metavar="HEX", help="the SHA-256 the publisher lists for this file")
+    add.add_argument("--copy", action="store_true", help="copy it into the data folder's isos/")
+    for verb, text in (("pause", "pause a download"), ("resume", "resume a paused or failed download"),
+                       ("cancel", "cancel a download and delete its partial file")):
+        iso.add_parser(verb, help=text).add_argument("job", help="the download's id (iso list shows it)")
+
+
+def _iso(engine: DirectEngine, args: argparse.Namespace) -> int:
+    verb = args.verb
+    if verb == "catalog":
+        if args.refresh:
+            result = engine.refresh_catalog()
+            print(f"Catalog refreshed: {result['entries']} entries ({result['updated']})", file=sys.stderr)
+        if args.refresh_keys:
+            outcome = engine.refresh_keys()
+            for fingerprint, what in outcome.items():
+                print(f"{fingerprint}  {what}", file=sys.stderr)
+        rows = engine.catalog()
+        lines = [f"{'ID':22} {'TRUST':14} {'DEFAULTS':34} NAME"]
+        for row in rows:
+            d = row["defaults"]
+            defaults = (f"{d.get('ram', '?')} RAM, {d.get('disk', '?')} disk, {d.get('firmware', '?')}, "
+                        f"tpm {d.get('tpm', '?')}") if d else ""
+            lines.append(f"{row['id']:22} {row['trust']:14} {defaults:34} {row['name']}")
+        _print(args, rows, "\n".join(lines))
+        return 0
+    if verb == "download":
+        return _iso_download(engine, args)
+    if verb == "list":
+        rows = engine.list_isos()
+        lines = [f"{'NAME':44} {'STATUS':11} {'TRUST':14} DETAIL"]
+        for row in rows:
+            if row["status"] in ("downloading", "verifying"):
+                detail = f"{_size(row.get('bytes'))} of {_size(row.get('total'))} ({row['job_state']}, id {row['job']})"
+                if row.get("error"):
+                    detail += f": {row['error']}"
+            elif row["status"] == "quarantined":
+                detail = str(row.get("reason"))
+            else:
+                detail = f"{_size(row.get('size'))}  {row.get('full_path')}"
+            lines.append(f"{str(row['name'])[:44]:44} {row['status']:11} {str(row.get('trust') or ''):14} {detail}")
+        _print(args, rows, "\n".join(lines) if rows else "No ISOs yet: thalunix iso catalog, thalunix iso download ID")
+        return 0
+    if verb == "add":
+        row = engine.add_iso(args.path, sha256=args.sha256, copy=args.copy)
+        _print(args, row, f"Added {row['name']} ({row['trust']}, sha256 {row['sha256']})")
+        return 0
+    action = {"pause": engine.pause_download, "resume": engine.resume_download, "cancel": engine.cancel_download}
+    job = action[verb](args.job)
+    if verb == "resume":
+        return _follow_download(engine, args, job["id"])
+    _print(args, job, f"Download {job['id']} is {job['state']}")
+    return 0
+
+
+def _iso_download(engine: DirectEngine, args: argparse.Namespace) -> int:
+    with engine.bus.subscribe(accept=lambda e: e["type"] == "job.progress" and e.get("kind") == "download") as events:
+        job_id = engine.download_iso(args.source, sha256=args.sha256)
+        return _follow_download(engine, args, job_id, events)
+
+
+def _follow_download(engine: DirectEngine, args: argparse.Namespace, job_id: str, events: Any = None) -> int:
+    """Show the job's progress until it ends; Ctrl+C pauses it (the same command resumes)."""
+    job = engine.downloads.get(job_id)
+    bar = ProgressBar(sys.stderr, enabled=not (args.json or getattr(args, "quiet", False)))
+    with contextlib.ExitStack() as stack:
+        if events is None:
+            events = stack.enter_context(engine.bus.subscribe(
+                accept=lambda e: e["type"] == "job.progress" and e.get("job") == job_id))
+        try:
+            bar.show(job.to_dict())
+            while not job.done.is_set():
+                event = events.get(timeout=0.5)
+                if event is not None and event.get("job") == job_id:
+                    bar.show(event)
+        except KeyboardInterrupt:
+            engine.pause_download(job_id)
+            job.done.wait(30)
+            bar.finish()
+            print(f"Paused {job_id} at {_size(job.bytes)}; run the same command again to resume", file=sys.stderr)
+            return 130
+    final = job.to_dict()
+    bar.show(final)
+    bar.finish()
+    if final["state"] == "ready":
+        signer = f", signed by {final['signer']}" if final.get("signer") else ""
+        _print(args, final, f"Ready: {final['result']['file']} ({final['trust']}{signer})")
+        return 0
+    if args.json:
+        print(json.dumps(final, indent=2))
+    else:
+        print(f"thalunix: download {job_id} {final['state']}: {final['error'] or final['message']}", file=sys.stderr)
+    return 1
+
+
+class ProgressBar:
+    """One line redrawn in place on a terminal; on a pipe, a line per 10 % and per state change."""
+
+    def __init__(self, stream: Any, enabled: bool = True, width: int = 24) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.width = width
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self._last_state: str | None = None
+        self._last_decile = -1
+        self._drawn = False
+
+    def show(self, job: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        state, done, total = job.get("state"), job.get("bytes") or 0, job.get("total")
+        fraction = min(1.0, done / total) if total else 0.0
+        filled = int(self.width * fraction)
+        bar = "#" * filled + "." * (self.width - filled)
+        percent = f"{100 * fraction:5.1f}%" if total else "   ?  "
+        rate = job.get("rate") or 0
+        eta = job.get("eta")
+        eta_text = f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" if eta is not None else "ETA  -  "
+        name = str(job.get("filename") or job.get("source") or "")[:32]
+        line = (f"{name:32} [{bar}] {percent} {_size(done):>10} / {_size(total):>10}  {_size(rate):>9}/s  "
+                f"{eta_text}  {state}")
+        if self.tty:
+            self.stream.write("\r" + line + "\x1b[K")
+            self._drawn = True
+        else:
+            decile = int(fraction * 10)
+            if state == self._last_state and decile == self._last_decile:
+                return
+            self._last_decile = decile
+            self.stream.write(line + "\n")
+        self._last_state = state
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _size(value: Any) -> str:
+    if value is None:
+        return "?"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -83,6 +83,14 @@ class Engine:
     def serial_output(self, name: str) -> bytes: raise NotImplementedError
     def read_log(self, name: str, kind: str = "events", tail: int = 1 << 20) -> str: raise NotImplementedError
     def isos(self) -> list[dict[str, Any]]: raise NotImplementedError
+    def catalog(self) -> list[dict[str, Any]]: raise NotImplementedError
+    def list_isos(self) -> list[dict[str, Any]]: raise NotImplementedError
+    def add_iso(self, path: str, sha256: str | None = None, copy: bool = False) -> dict[str, Any]: raise NotImplementedError
+    def download_iso(self, source: str, sha256: str | None = None) -> str: raise NotImplementedError
+    def download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
+    def pause_download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
+    def resume_download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
+    def cancel_download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
 
 
 class DirectEngine(Engine):
@@ -97,6 +105,7 @@ class DirectEngine(Engine):
         self.supervisor = Supervisor(data, self.runtime, self.bus, self.host)
         # Long operations; opening sweeps work folders a killed Thalunix left in tmp/.
         self.jobs = JobManager(self.bus, data)
+        self._downloads: Any = None   # DownloadManager, made on first use (loads the catalog and keys)
         # vm id → (config stamp, entry) and (last-exit stamp, state): an unchanged VM is not parsed again.
         self._entries: dict[str, tuple[tuple[int, int, int] | None, VMEntry]] = {}
         self._exits: dict[str, tuple[tuple[int, int, int], str]] = {}
@@ -181,7 +190,7 @@ class DirectEngine(Engine):
         if options.iso:
             iso = Path(options.iso).expanduser()
             if not iso.is_file():
-                raise ValidationError(f"ISO {options.iso!r} does not exist; check the path", "iso")
+                iso = self._ready_iso(options.iso)   # a ready ISO by name or catalog id
             config.cdroms = [CDRom(path=self.data.to_stored_path(iso))]
         else:
             config.cdroms = [CDRom()]
@@ -350,6 +359,72 @@ class DirectEngine(Engine):
                         users.append(entry.config.name)
         return sorted(found.values(), key=lambda iso: str(iso["name"]).lower())
 
+    # -- the download center (the work is in thalunix/downloads) -----------------------------------------
+    # Each verb maps to one REST route; jobs report as job.progress events (kind "download") on self.bus.
+    @property
+    def downloads(self) -> Any:
+        if self._downloads is None:
+            from thalunix.downloads import DownloadManager
+            self._downloads = DownloadManager(self.data, self.bus)
+        return self._downloads
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """The downloadable OSes: id, name, trust (signed / checksum only / manual), defaults for a new VM."""
+        return [entry.summary() for entry in self.downloads.catalog.list()]
+
+    def refresh_catalog(self, url: str | None = None) -> dict[str, Any]:
+        """Fetch a newer signed catalog (refused unless signed by a catalog key this build lists)."""
+        import requests
+
+        from thalunix.downloads.catalog import refresh_catalog
+        with requests.Session() as session:
+            catalog = refresh_catalog(session, self.data.catalog_file, self.downloads.keyring, url)
+        self.downloads.catalog = catalog
+        return {"entries": len(catalog.entries), "updated": catalog.meta.get("updated")}
+
+    def refresh_keys(self) -> dict[str, str]:
+        """Fetch missing publisher keys named by the catalog, keeping only those with the listed fingerprint."""
+        import requests
+
+        from thalunix.downloads.catalog import refresh_keys
+        with requests.Session() as session:
+            return refresh_keys(session, self.downloads.catalog, self.data.keys_dir, self.downloads.keyring)
+
+    def list_isos(self) -> list[dict[str, Any]]:
+        """Every ISO with a status: ready, downloading, verifying or quarantined (with the reason)."""
+        from thalunix.downloads import IsoLibrary
+        return IsoLibrary(self.data).list(self.downloads)
+
+    def add_iso(self, path: str, sha256: str | None = None, copy: bool = False) -> dict[str, Any]:
+        """Register a local ISO (hashed; refused if ``sha256`` is given and differs)."""
+        from thalunix.downloads import IsoLibrary
+        return IsoLibrary(self.data).add(path, sha256=sha256, copy=copy)
+
+    def download_iso(self, source: str, sha256: str | None = None) -> str:
+        """Queue a download of a catalog id or URL; the job id. The same source resumes its partial file."""
+        return str(self.downloads.submit(source, sha256=sha256).id)
+
+    def download(self, job_id: str) -> dict[str, Any]:
+        return dict(self.downloads.get(job_id).to_dict())
+
+    def pause_download(self, job_id: str) -> dict[str, Any]:
+        return dict(self.downloads.pause(job_id).to_dict())
+
+    def resume_download(self, job_id: str) -> dict[str, Any]:
+        return dict(self.downloads.resume(job_id).to_dict())
+
+    def cancel_download(self, job_id: str) -> dict[str, Any]:
+        return dict(self.downloads.cancel(job_id).to_dict())
+
+    def _ready_iso(self, name: str) -> Path:
+        from thalunix.downloads import IsoLibrary
+        from thalunix.errors import NotFoundError
+        try:
+            return IsoLibrary(self.data).find_ready(name)
+        except NotFoundError:
+            raise ValidationError(f"ISO {name!r} does not exist; check the path, or give the name of a ready "
+                                  "ISO (`thalunix iso list`)", "iso") from None
+
     # -- disks, snapshots, clones, export/import (thin: the work is in disks/snapshots/clone/archive) ---------
     # Long operations return a job dict at once ({"id": ..., "state": "running"}; progress as job.progress
     # events), or the finished job with wait=True. Each verb maps to one REST route.
@@ -456,6 +531,9 @@ class DirectEngine(Engine):
 
     def close(self, stop_vms: bool = False) -> None:
         """Leave: stop the VMs, or let them run on (a later Thalunix re-attaches)."""
+        if self._downloads is not None:
+            with contextlib.suppress(Exception):
+                self._downloads.close()   # running downloads pause; their partial files resume later
         with contextlib.suppress(Exception):
             if stop_vms:
                 self.supervisor.stop_all()

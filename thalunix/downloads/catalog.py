@@ -412,3 +412,66 @@ def resolve_url(url: str, user_hash: str | None, mirrors: list[str] | None = Non
                                 f"for {name}: thalunix iso download URL --sha256 HEX")
     source = ResolvedSource(None, name, [url] + list(mirrors or []))
     return apply_user_hash(source, user_hash)
+
+
+# -- refreshing ------------------------------------------------------------------------------------------
+def refresh_catalog(session: requests.Session, catalog_file: Path, keyring: Keyring, url: str | None = None,
+                    shipped: Catalog | None = None) -> Catalog:
+    """Fetch a newer catalog and its signature; keep it only if signed by a catalog key the app lists."""
+    shipped = shipped or Catalog.shipped()
+    refresh = shipped.meta.get("refresh") or {}
+    url = url or refresh.get("url")
+    fingerprints = list(refresh.get("fingerprints") or [])
+    if not url:
+        raise ValidationError("this build names no catalog URL; the shipped catalog is in use", "url")
+    if not fingerprints:
+        raise VerificationError("this build ships no catalog signing key, so a downloaded catalog could not be "
+                                "trusted; the shipped catalog stays in use (update Thalunix for a newer one)")
+    raw, _ = fetch_small(session, [url], "the ISO catalog")
+    signature, _ = fetch_small(session, [url + ".sig"], "the ISO catalog's signature")
+    check = verify_signature(signature, allowed=fingerprints, keyring=keyring, data=raw, what=f"the catalog {url}")
+    if not check.ok:
+        raise VerificationError(f"the catalog at {url} was refused: {check.reason}")
+    fresh = Catalog.parse(raw, "refreshed")
+    from thalunix.store import atomic_write_bytes
+    atomic_write_bytes(catalog_file.with_name(catalog_file.name + ".sig"), signature)
+    atomic_write_bytes(catalog_file, raw)
+    return fresh
+
+
+def refresh_keys(session: requests.Session, catalog: Catalog, keys_dir: Path, keyring: Keyring,
+                 only_missing: bool = True) -> dict[str, str]:
+    """Fetch the publisher keys the catalog names; a key is kept only if its fingerprint is the listed one.
+
+    The fingerprints come from the shipped (or a signed refreshed) catalog, so a key file served by a
+    compromised site cannot slip in another key. Returns fingerprint → what happened.
+    """
+    import warnings
+
+    from thalunix.downloads.verifier import _sequoia
+    from thalunix.store import atomic_write_bytes
+    outcome: dict[str, str] = {}
+    wanted: dict[str, str] = {}
+    for entry in catalog.list():
+        for fingerprint, key_url in entry.key_urls.items():
+            wanted.setdefault(fingerprint.replace(" ", "").upper(), key_url)
+    for fingerprint, key_url in sorted(wanted.items()):
+        if only_missing and fingerprint in keyring:
+            outcome[fingerprint] = "present"
+            continue
+        try:
+            body, _ = fetch_small(session, [key_url], f"the key {fingerprint}")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                certs = _sequoia().Cert.split_bytes(body)
+        except (ThalunixError, RuntimeError, ValueError) as error:
+            outcome[fingerprint] = f"failed: {str(error).splitlines()[0]}"
+            continue
+        match = [cert for cert in certs if str(cert.fingerprint).upper() == fingerprint]
+        if not match:
+            outcome[fingerprint] = f"refused: {key_url} holds no key with this fingerprint"
+            continue
+        atomic_write_bytes(keys_dir / f"{fingerprint}.asc", str(match[0]).encode())
+        keyring.add(match[0])
+        outcome[fingerprint] = "fetched"
+    return outcome
