@@ -15,6 +15,7 @@ import { renderVmForm } from './form.js';
 import { LogPanel } from './logs.js';
 import { VncScreen } from './screen.js';
 import { SerialTerminal } from './terminal.js';
+import { icon } from './icons.js';
 import { initTheme } from './theme.js';
 import { confirmAction, formatRam, h, pathFromFileUrl, toast } from './ui.js';
 
@@ -43,6 +44,7 @@ let loaded = false;
 let current = null;             // the open VM view: { id, detail, tab, terminal, screen, logs, … }
 let openForm = null;            // the create/edit form on screen, for dropped files
 let pendingPath = null;         // a dropped file waiting for the create form
+let editingId = null;           // the VM whose settings form is open, marked in the list
 
 const main = document.getElementById('main');
 const list = document.getElementById('vm-list');
@@ -87,15 +89,16 @@ function renderList() {
     list.replaceChildren(h('li', { class: 'list-empty' }, loaded ? 'No VMs yet' : 'Loading…'));
     return;
   }
+  const selectedId = current?.id || editingId;
   list.replaceChildren(...rows.map((vm) => {
     const thumb = thumbs.get(vm.id);
     const picture = thumb?.url && SCREEN_STATES.has(vm.state)
       ? h('img', { class: 'thumb', src: thumb.url, alt: `Screen of ${vmLabel(vm)}` })
       : h('div', { class: `thumb placeholder state-${vm.state}`, 'aria-hidden': 'true' },
-          UP.has(vm.state) ? '' : '⏻');
+          UP.has(vm.state) ? '' : icon('screen', 26));
     return h('li', {},
-      h('a', { class: `vm-entry${current?.id === vm.id ? ' selected' : ''}`, href: `#/vm/${vm.id}/${current?.id === vm.id ? current.tab : defaultTab(vm)}`,
-               dataset: { id: vm.id, name: vm.name || '' }, 'aria-current': current?.id === vm.id ? 'page' : false },
+      h('a', { class: `vm-entry${selectedId === vm.id ? ' selected' : ''}`, href: `#/vm/${vm.id}/${current?.id === vm.id ? current.tab : defaultTab(vm)}`,
+               dataset: { id: vm.id, name: vm.name || '' }, 'aria-current': selectedId === vm.id ? 'page' : false },
         picture,
         h('span', { class: 'entry-text' },
           h('span', { class: 'entry-name' }, vmLabel(vm)),
@@ -226,6 +229,8 @@ function showEmpty() {
 }
 
 function showForm(vm) {
+  editingId = vm?.id || null;
+  renderList();
   const initialPath = pendingPath;
   pendingPath = null;
   const back = () => { openForm = null; go(vm ? `#/vm/${vm.id}/details` : '#/'); };
@@ -260,6 +265,7 @@ async function showEdit(id) {
 
 // -- one VM ----------------------------------------------------------------------------------------------
 function closeVm() {
+  editingId = null;
   if (!current) return;
   current.terminal?.dispose();
   current.screen?.disconnect();
@@ -329,18 +335,18 @@ function renderHeader() {
       h('h1', {}, vmLabel(vm)), badge(now),
       h('span', { class: 'entry-specs' }, specs(vm))),
     h('div', { class: 'actions', role: 'toolbar', 'aria-label': 'VM actions' },
-      button('start', '▶ Start', () => run('start'), { class: 'primary' }),
-      button('pause', '⏸ Pause', () => run('pause')),
-      button('resume', '⏵ Resume', () => run('resume')),
-      button('stop', '⏹ Shut down', () => run('stop'),
+      button('start', [icon('play'), 'Start'], () => run('start'), { class: 'primary' }),
+      button('pause', [icon('pause'), 'Pause'], () => run('pause')),
+      button('resume', [icon('resume'), 'Resume'], () => run('resume')),
+      button('stop', [icon('power'), 'Shut down'], () => run('stop'),
              { title: 'Press the power button: the guest shuts down cleanly' }),
-      button('force', 'Force stop', forceStop, { title: 'Pull the plug: unsaved data in the guest is lost' }),
-      button('reset', '↻ Reset', () => run('reset'), { title: 'Hard reset, like the reset button of a PC' }),
+      button('force', [icon('stop'), 'Force stop'], forceStop, { title: 'Pull the plug: unsaved data in the guest is lost' }),
+      button('reset', [icon('reset'), 'Reset'], () => run('reset'), { title: 'Hard reset, like the reset button of a PC' }),
       h('span', { class: 'spacer' }),
-      button('edit', '⚙ Settings', () => go(`#/vm/${current.id}/edit`),
+      button('edit', [icon('gear'), 'Settings'], () => go(`#/vm/${current.id}/edit`),
              { title: now === 'stopped' || now === 'crashed' ? 'Change this VM' : 'Stop the VM to change its settings' }),
-      button('delete', '🗑 Delete', deleteVm, { class: 'danger-outline' })),
-    current.error ? h('p', { class: 'action-error', role: 'alert' }, current.error) : null);
+      button('delete', [icon('trash'), 'Delete'], deleteVm, { class: 'danger-outline' })),
+    ...(current.error ? [h('p', { class: 'action-error', role: 'alert' }, current.error)] : []));
 }
 
 async function run(verb, body) {
@@ -460,7 +466,7 @@ function renderScreen() {
   } else {
     message = [h('h2', {}, `${vmLabel(vms.get(current.id) || {})} is ${STATE_LABELS[now]?.toLowerCase() || now}`),
                h('p', {}, 'Start it to see its screen here.'),
-               ALLOWED.start.has(now) ? h('button', { class: 'primary', type: 'button', onclick: () => run('start') }, '▶ Start') : null];
+               ALLOWED.start.has(now) ? h('button', { class: 'primary', type: 'button', onclick: () => run('start') }, icon('play'), 'Start') : null];
   }
   panel.replaceChildren(h('div', { class: 'panel-empty' }, message));
 }

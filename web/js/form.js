@@ -12,7 +12,7 @@
  *   form.usePath('/home/me/debian.iso');
  */
 import * as api from './api.js';
-import { formatRam, h, parseRamMib } from './ui.js';
+import { h, parseRamMib } from './ui.js';
 
 const OS_CHOICES = [['linux', 'Linux'], ['windows', 'Windows (10 or older)'], ['windows11', 'Windows 11'],
                     ['bsd', 'BSD'], ['other', 'Other']];
@@ -74,6 +74,9 @@ function guessOs(path) {
   return null;
 }
 
+/** MiB as the field shows it: 2048 → "2G", 768 → "768M". */
+const ramText = (mib) => (mib % 1024 === 0 ? `${mib / 1024}G` : `${mib}M`);
+
 function bridge() {
   return window.pywebview?.api?.pick_file ? window.pywebview.api : null;
 }
@@ -107,7 +110,7 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
   const diskExisting = h('div', { class: 'row', id: 'disk-existing', hidden: true }, diskPath, pickDisk);
   const diskBus = select('disk_bus', DISK_BUSES, vm?.disks?.[0]?.bus || 'virtio');
 
-  const ram = h('input', { id: 'ram', name: 'ram', type: 'text', value: vm ? formatRam(vm.ram_mib).replace(' ', '') : '2G',
+  const ram = h('input', { id: 'ram', name: 'ram', type: 'text', value: vm ? ramText(vm.ram_mib) : '2G',
                             size: 8, placeholder: '2G' });
   const cpus = h('input', { id: 'cpus', name: 'cpus', type: 'number', min: 1, max: 255, value: vm?.cpus ?? 2 });
   const firmware = select('firmware', FIRMWARE_CHOICES, vm?.firmware || 'uefi');
