@@ -28,7 +28,8 @@ RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm"
                 "gir1.2-webkit2-4.1", "libgirepository1.0-dev", "libcairo2-dev", "pkg-config", "gcc", "python3-dev"]
 # What the test suite adds: the test guest's build tools (tests/guest/build.py keeps its own list).
 TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under Xvfb, screenshotted
-                 "tpm2-tools", "zstd", "lz4"]   # TPM tests: NV through the helper; helper-vm/build.py
+                 "tpm2-tools", "zstd", "lz4",   # TPM tests: NV through the helper; helper-vm/build.py
+                 "chromium"]                    # UI tests: Playwright drives the system's Chromium
 
 
 def _guest_packages() -> list[str]:
@@ -79,11 +80,31 @@ def ensure_venv(extras: str) -> None:
     stamp.write_text(str(inputs))
 
 
+def ensure_web() -> None:
+    """web/node_modules (noVNC, xterm.js) exactly as web/package-lock.json pins them; redone when the lock changes."""
+    import hashlib
+    web = ROOT / "web"
+    digest = hashlib.sha256((web / "package-lock.json").read_bytes()).hexdigest()
+    stamp = web / "node_modules" / ".thalunix-lock-sha256"
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    npm = shutil.which("npm")
+    if npm is None and sys.platform.startswith("linux"):
+        install_debian_packages(["nodejs", "npm"])
+        npm = shutil.which("npm")
+    if npm is None:
+        sys.exit("build.py: npm is missing; install Node.js (it brings npm), then run build.py again")
+    print("build.py: installing the interface's npm packages (npm ci)", flush=True)
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"], cwd=web, check=True)
+    stamp.write_text(digest)
+
+
 def setup(for_tests: bool) -> None:
     packages = RUN_PACKAGES + (TEST_PACKAGES + _guest_packages() if for_tests else [])
     if sys.platform.startswith("linux"):
         install_debian_packages(packages)
     ensure_venv("test" if for_tests else "gui")
+    ensure_web()
 
 
 def main(argv: list[str]) -> int:
