@@ -22,7 +22,7 @@ FAST_RETRY = RetryPolicy(attempts=3, backoff=0.05, max_backoff=0.2, connect_time
 
 
 @dataclass
-class TestKey:
+class PublisherKey:
     """A publisher key generated for the test: sign with it, trust its public half."""
 
     secret: Any
@@ -35,28 +35,28 @@ class TestKey:
         return bytes(pysequoia.sign(self.secret.signer(), data, mode=kinds[mode]))
 
 
-def make_key(name: str) -> TestKey:
+def make_key(name: str) -> PublisherKey:
     import pysequoia
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         secret = pysequoia.Tsk.generate(f"{name} <{name.lower().replace(' ', '.')}@example.test>")
         public = pysequoia.Cert.from_bytes(str(secret.extract_certificate()).encode())
-    assert not public.has_secret_keys
-    return TestKey(secret, public, str(public.fingerprint).upper())
+        assert not public.has_secret_keys
+    return PublisherKey(secret, public, str(public.fingerprint).upper())
 
 
 @pytest.fixture(scope="session")
-def publisher_key() -> TestKey:
+def publisher_key() -> PublisherKey:
     return make_key("Test Publisher")
 
 
 @pytest.fixture(scope="session")
-def stranger_key() -> TestKey:
+def stranger_key() -> PublisherKey:
     return make_key("Somebody Else")
 
 
 @pytest.fixture
-def keyring(publisher_key: TestKey, stranger_key: TestKey) -> Keyring:
+def keyring(publisher_key: PublisherKey, stranger_key: PublisherKey) -> Keyring:
     # The stranger's key is in the keyring too: being known is not enough, it must be the entry's publisher.
     return Keyring([publisher_key.public, stranger_key.public])
 
@@ -95,7 +95,7 @@ def entry(server: FileServer, folder: str = "/pub/", **fields: Any) -> CatalogEn
     return CatalogEntry.from_dict(data)
 
 
-def signed_entry(server: FileServer, key: TestKey, **fields: Any) -> CatalogEntry:
+def signed_entry(server: FileServer, key: PublisherKey, **fields: Any) -> CatalogEntry:
     fields.setdefault("signature", {"file": "SHA256SUMS.gpg", "kind": "detached", "over": "checksums"})
     fields.setdefault("fingerprints", [key.fingerprint])
     return entry(server, **fields)
@@ -127,7 +127,7 @@ def harness(data: DataFolder, keyring: Keyring) -> Iterator[Harness]:
         manager.close(timeout=10)
 
 
-def publish(server: FileServer, key: TestKey | None, files: dict[str, bytes], folder: str = "/pub/",
+def publish(server: FileServer, key: PublisherKey | None, files: dict[str, bytes], folder: str = "/pub/",
             sums_name: str = "SHA256SUMS", sig_name: str = "SHA256SUMS.gpg", style: str = "gnu",
             signature: str = "detached", **options: Any) -> None:
     """Put images, their checksum list and its signature on the server, as a publisher would."""

@@ -37,6 +37,7 @@ class Resource:
     fails: int = 0                      # ... this many times
     chunked: bool = False               # no Content-Length
     etag: str = ""
+    next_etag: str = ""                 # the file "changes" (new ETag) after the first body was sent
 
     @property
     def size(self) -> int:
@@ -145,6 +146,8 @@ class FileServer:
                 finally:
                     with server._lock:
                         server.active -= 1
+                        if resource.next_etag:
+                            resource.etag, resource.next_etag = resource.next_etag, ""
                     if resource.chunked or cut is not None:
                         self.close_connection = True
 

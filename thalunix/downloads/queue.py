@@ -122,7 +122,7 @@ class DownloadJob:
                 self._rate_mark = (now, done)
         self.bytes, self.total = done, total
         self.eta = round((total - done) / self.rate, 1) if total and self.rate > 0 else None
-        self.manager._publish(self)
+        self.manager._publish(self, force=total is not None and done >= total)
         if now - self._last_sidecar >= SIDECAR_INTERVAL:
             self._last_sidecar = now
             self.manager._write_sidecar(self, durable=False)

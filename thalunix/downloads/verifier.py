@@ -221,8 +221,9 @@ def verify_signature(signature: bytes, *, allowed: Iterable[str], keyring: Keyri
                               "(thalunix iso catalog --refresh-keys) or give the SHA-256 yourself", issuers=issuers)
     owners = {keyring.owner(issuer) for issuer in issuers} - {None}
     if not owners & allowed_set:
+        named = [f"{i} (a subkey of {keyring.owner(i)})" if keyring.owner(i) not in (None, i) else i for i in issuers]
         return SignatureCheck(False, "unknown-key",
-                              f"the signature for {what} was made by an unknown key ({', '.join(issuers)}), not by "
+                              f"the signature for {what} was made by an unknown key ({', '.join(named)}), not by "
                               f"the publisher ({', '.join(sorted(allowed_set))})", issuers=issuers)
     try:
         with warnings.catch_warnings():
