@@ -368,25 +368,34 @@ def resize_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, size: st
 
 
 # -- convert --------------------------------------------------------------------------------------------
-def convert_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, fmt: str, job: Job) -> dict[str, Any]:
-    """Convert a stopped VM's disk to ``fmt`` (raw ⇄ qcow2) with progress; the old image goes only once the
-    new one is complete and the config points to it."""
+def convert_precheck(engine: "DirectEngine", config: VMConfig, disk_id: str, fmt: str) -> Disk:
+    """Everything that refuses a convert, checked before any job starts; returns the disk."""
     if fmt not in DISK_FORMATS:
         raise ValidationError(f"format {fmt!r} is unknown; choose one of {', '.join(DISK_FORMATS)}", "format")
-    config = reload(engine, config)
     disk = find_disk(config, disk_id)
     require_stopped(engine, config, f"convert disk {disk.id}")
-    if disk.format == fmt and not qcow2_backing_file(disk_path(engine, disk)):
-        raise ValidationError(f"{config.label}: disk {disk.id} is already {fmt}", "format")
     source = disk_path(engine, disk)
-    inside = engine.data.vm_dir(config.id) in source.parents
-    if inside:
+    if not source.is_file():
+        raise NotFoundError(f"{config.label}: disk {disk.id}'s image {source} is missing")
+    if disk.format == fmt and not qcow2_backing_file(source):
+        raise ValidationError(f"{config.label}: disk {disk.id} is already {fmt}", "format")
+    if engine.data.vm_dir(config.id) in source.parents:
         refuse_if_linked(engine, config, f"convert disk {disk.id}")
     snapshots = qemu_img(engine).snapshots(source) if disk.format == "qcow2" else []
     if snapshots and fmt == "raw":
         names = ", ".join(repr(s["name"]) for s in snapshots)
         raise ConflictError(f"{config.label}: disk {disk.id} holds snapshots ({names}) that a raw image cannot "
-                            "keep; delete them first (thalunix vm snapshot NAME delete SNAP)")
+                            f"keep; delete them first (thalunix vm snapshot {config.name!r} delete SNAP)")
+    return disk
+
+
+def convert_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, fmt: str, job: Job) -> dict[str, Any]:
+    """Convert a stopped VM's disk to ``fmt`` (raw ⇄ qcow2) with progress; the old image goes only once the
+    new one is complete and the config points to it."""
+    config = reload(engine, config)
+    disk = convert_precheck(engine, config, disk_id, fmt)
+    source = disk_path(engine, disk)
+    inside = engine.data.vm_dir(config.id) in source.parents
     target = engine.data.vm_path(config.id, "disks", Path(source.name).stem + SUFFIX[fmt])
     if target == source:
         target = target.with_name(f"{target.stem}-{fmt}{target.suffix}")

@@ -465,7 +465,7 @@ class DirectEngine(Engine):
     def disk_convert(self, name: str, disk: str, format: str, wait: bool = False) -> dict[str, Any]:
         from thalunix import disks
         config = self.get(name)
-        disks.require_stopped(self, config, f"convert disk {disk}")
+        disks.convert_precheck(self, config, disk, format)
         return self._job("disk.convert", config, f"converting {config.name}/{disk} to {format}",
                          lambda job: disks.convert_disk(self, config, disk, format, job), wait)
 
