@@ -127,14 +127,14 @@ class DirectEngine(Engine):
         """Every VM with its state, sorted by name; unreadable ones as ``broken`` with the reason.
 
         Called on every refresh of every front, so it is cheap: a config is parsed again only when
-        its file changed, and a stopped VM costs two ``stat`` calls (no QEMU, no socket, no lock).
+        its file changed, and a stopped VM costs three ``stat`` calls (no QEMU, no socket, no lock).
         """
-        stamps = self.data.vm_stamps()
+        stamps = self.data.vm_file_stamps("run/state.json", "run/last-exit.json")
         rows = []
         with self._list_lock:
             for gone in set(self._entries) - set(stamps):
                 del self._entries[gone]
-            for vm_id, stamp in stamps.items():
+            for vm_id, (stamp, run_state, last_exit) in stamps.items():
                 cached = self._entries.get(vm_id)
                 if cached is None or stamp is None or cached[0] != stamp:
                     cached = (stamp, self.data.read_vm(vm_id))
@@ -144,27 +144,26 @@ class DirectEngine(Engine):
                     rows.append({"id": entry.id, "name": None, "state": "broken", "error": entry.error})
                     continue
                 config = entry.config
-                rows.append({"id": entry.id, "name": config.name, "state": self._list_state(config),
+                rows.append({"id": entry.id, "name": config.name,
+                             "state": self._list_state(config, run_state, last_exit),
                              "os": config.os, "cpus": config.cpus, "ram_mib": config.ram_mib,
                              "firmware": config.firmware})
         rows.sort(key=lambda row: row["name"].lower() if row["name"] else "~" + row["id"])
         return rows
 
-    def _list_state(self, config: VMConfig) -> str:
+    def _list_state(self, config: VMConfig, run_state: tuple[int, int, int] | None,
+                    last_exit: tuple[int, int, int] | None) -> str:
         session = self.supervisor.sessions.get(config.id)
         if session is not None and not session.exited.is_set():
             return session.state
-        if self.data.vm_path(config.id, "run", "state.json").exists():
+        if run_state is not None:
             # Running, or left behind by a Thalunix that died: the supervisor checks the pid.
             return str(self.supervisor.status(config)["state"])
-        try:
-            info = self.data.vm_path(config.id, "run", "last-exit.json").stat()
-        except OSError:
+        if last_exit is None:
             return "stopped"
-        stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
         cached = self._exits.get(config.id)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, str(self.supervisor.status(config)["state"]))
+        if cached is None or cached[0] != last_exit:
+            cached = (last_exit, str(self.supervisor.status(config)["state"]))
             self._exits[config.id] = cached
         return cached[1]
 
