@@ -194,6 +194,8 @@ class DownloadManager:
             if entry is not None:
                 job.catalog_id = entry.id
                 job.filename = job.filename or entry.name
+            else:
+                job.filename = job.filename or source.rstrip("/").rsplit("/", 1)[-1]
             if start:
                 self._enqueue(job)
             return job
