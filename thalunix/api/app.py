@@ -388,9 +388,15 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
     return app
 
 
+#: The UI's own file types. Browsers refuse ES modules not served as JavaScript, and on Windows Python's
+#: mimetypes takes .js from the registry, where other software may have set text/plain.
+WEB_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "text/css", ".html": "text/html",
+             ".svg": "image/svg+xml", ".json": "application/json", ".map": "application/json"}
+
+
 def _static(path: str, root: Path) -> Any:
     # bottle.static_file refuses paths that leave root.
-    answer = bottle.static_file(path, root=str(root))
+    answer = bottle.static_file(path, root=str(root), mimetype=WEB_TYPES.get(Path(path).suffix.lower(), "auto"))
     if isinstance(answer, bottle.HTTPError):
         return _json_response(answer.status_code, {"error": "not-found", "field": None,
                                                    "message": f"there is no file {path!r} in the interface"})
