@@ -300,19 +300,19 @@ def _add_pci_device(engine: "DirectEngine", config: VMConfig, device: dict[str, 
     if config.machine != "q35":
         engine.supervisor.qmp(config, "device_add", device)
         return
-    last = ""
-    for port in range(8):
-        try:
-            engine.supervisor.qmp(config, "device_add", {**device, "bus": f"{HOTPLUG_PORT_PREFIX}{port}"})
-            return
-        except ThalunixError as error:
-            last = str(error)
-            if "not found" in last.lower() or "no such" in last.lower():
-                break   # no more ports
-            if "in use" in last or "not available" in last or "occupied" in last:
-                continue
-            raise
-    raise ConflictError(f"{config.label} has no free hot-plug slot ({last}); stop the VM and add the disk then")
+    # Ask which port is empty rather than trying each: a device_add refused for an occupied port can
+    # leave QEMU believing the device id is taken.
+    free = []
+    for bus in engine.supervisor.qmp(config, "query-pci"):
+        for item in bus.get("devices", []):
+            bridge = item.get("pci_bridge")
+            if bridge is not None and str(item.get("qdev_id", "")).startswith(HOTPLUG_PORT_PREFIX) \
+                    and not bridge.get("devices"):
+                free.append(item["qdev_id"])
+    if not free:
+        raise ConflictError(f"{config.label} has no free hot-plug slot (its spare PCIe ports are all in use); "
+                            "remove a hot-plugged disk, or stop the VM and add the disk then")
+    engine.supervisor.qmp(config, "device_add", {**device, "bus": sorted(free)[0]})
 
 
 def _ensure_scsi_controller(engine: "DirectEngine", config: VMConfig) -> None:
