@@ -205,3 +205,11 @@ def test_key_refresh_keeps_only_the_listed_fingerprint(tmp_path, server: FileSer
     assert ring.fingerprints() == [publisher_key.fingerprint]
     assert [p.name for p in tmp_path.iterdir()] == [f"{publisher_key.fingerprint}.asc"]
     assert Keyring.load(tmp_path).fingerprints() == [publisher_key.fingerprint]
+
+
+def test_url_names_cannot_smuggle_folders():
+    from thalunix.downloads.catalog import resolve_url
+    assert resolve_url("http://127.0.0.1/a%2F..%2F..%2Fetc%2Fpasswd", "a" * 64).filename == "passwd"
+    assert resolve_url("http://127.0.0.1/d/b%20c.iso", "a" * 64).filename == "b c.iso"
+    with pytest.raises(ValidationError, match="does not name a file"):
+        resolve_url("http://127.0.0.1/..%2F", "a" * 64)

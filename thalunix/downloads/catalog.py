@@ -404,7 +404,8 @@ def resolve_url(url: str, user_hash: str | None, mirrors: list[str] | None = Non
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValidationError(f"{url!r} is neither a catalog id nor an http(s) URL; `thalunix iso catalog` lists "
                               "the ids", "source")
-    name = urllib.parse.unquote(parsed.path.rstrip("/").rsplit("/", 1)[-1])
+    # The last path segment, decoded, and cut to a bare name again: "%2F" must not smuggle in a folder.
+    name = Path(urllib.parse.unquote(parsed.path.rstrip("/").rsplit("/", 1)[-1]).replace("\\", "/")).name
     if not name or name in (".", ".."):
         raise ValidationError(f"{url!r} does not name a file", "source")
     if not user_hash:

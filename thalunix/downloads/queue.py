@@ -272,6 +272,12 @@ class DownloadManager:
             self._load_sidecar(job)
             job.state = "failed" if record.get("error") else "paused"
             job.message = "interrupted; resume to continue from the bytes on disk"
+            probe = FileLock(self.data.downloads_dir / f"{job_id}.lock")
+            if probe.acquire():
+                probe.release()
+            else:
+                job.state = "downloading"
+                job.message = f"downloading in another Thalunix process (pid {probe.holder()})"
             job.done.set()
             self.jobs[job_id] = job
             found.append(job_id)
@@ -512,7 +518,7 @@ class DownloadManager:
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, exist_ok=True)
-        filename = (source.filename if source else job.filename) or "download"
+        filename = Path((source.filename if source else job.filename) or "download").name or "download"
         part = self._part(job.id)
         kept = None
         if part.exists():
