@@ -29,7 +29,8 @@ RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm"
 # What the test suite adds: the test guest's build tools (tests/guest/build.py keeps its own list).
 TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under Xvfb, screenshotted
                  "tpm2-tools", "zstd", "lz4",   # TPM tests: NV through the helper; helper-vm/build.py
-                 "chromium"]                    # UI tests: Playwright drives the system's Chromium
+                 "chromium",                    # UI tests: Playwright drives the system's Chromium
+                 "curl"]                        # bench/download.py's baseline
 
 
 def _guest_packages() -> list[str]:
