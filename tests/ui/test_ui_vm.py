@@ -70,7 +70,8 @@ def test_beginner_runs_a_vm_from_the_window(ui, guest, engine: DirectEngine) -> 
     page.wait_for_selector("#terminal .xterm-rows")
     page.click("#action-start")
     ui.wait_state("ui-guest", "running", timeout=120)
-    assert page.is_disabled("#action-start") and page.is_enabled("#action-stop")
+    page.wait_for_selector("#action-stop:enabled")   # once the start request has returned too
+    assert page.is_disabled("#action-start")
     _wait_terminal(page, f"row.includes('{READY}')", BOOT_TIMEOUT)
     page.click("#terminal")
     page.keyboard.press("Enter")
@@ -127,6 +128,23 @@ def test_beginner_runs_a_vm_from_the_window(ui, guest, engine: DirectEngine) -> 
     page.click("#tab-screen")
     page.get_by_text("Start it to see its screen here.").wait_for()
     ui.shoot("17-stopped")
+
+    # -- a guest that ignores the power button: Force stop stays usable while Shut down waits --------
+    page.click("#tab-console")
+    page.click("#console-clear")
+    assert not any(row.strip() for row in page.evaluate(TERMINAL_ROWS))
+    page.click("#action-start")
+    _wait_terminal(page, f"row.includes('{READY}')", BOOT_TIMEOUT)
+    page.click("#terminal")
+    page.keyboard.type("killall acpid; echo acpid-gone")
+    page.keyboard.press("Enter")
+    _wait_terminal(page, "row.trim() === 'acpid-gone'", 60)
+    page.click("#action-stop")
+    ui.wait_state("ui-guest", "stopping", timeout=30)
+    assert page.is_disabled("#action-start") and page.is_enabled("#action-force")
+    page.click("#action-force")
+    page.click("#confirm-ok")
+    ui.wait_state("ui-guest", "stopped", timeout=60)
 
     # -- delete it, after confirming -----------------------------------------------------------------
     page.click("#action-delete")

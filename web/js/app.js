@@ -328,7 +328,9 @@ function renderHeader() {
   const vm = vms.get(current.id) || current.detail || { id: current.id, state: 'stopped' };
   const now = vm.state;
   const button = (verb, label, handler, extra = {}) => h('button', {
-    type: 'button', id: `action-${verb}`, disabled: !ALLOWED[verb].has(now) || current.busy, onclick: handler, ...extra,
+    // While an action runs only Force stop stays usable: a shutdown the guest ignores must not trap the user.
+    type: 'button', id: `action-${verb}`, disabled: !ALLOWED[verb].has(now) || (current.busy && verb !== 'force'),
+    onclick: handler, ...extra,
   }, label);
   current.header.replaceChildren(
     h('div', { class: 'vm-title' },
@@ -476,8 +478,11 @@ function openConsole() {
   const panel = current.panels.console;
   const box = h('div', { class: 'terminal', id: 'terminal' });
   panel.replaceChildren(
-    h('p', { class: 'hint console-hint' }, 'The VM’s serial console. Click into it and type; Linux guests print their boot ' +
-                                           'messages and a login here when their kernel has console=ttyS0.'),
+    h('div', { class: 'console-toolbar' },
+      h('p', { class: 'hint console-hint' }, 'The VM’s serial console. Click into it and type; Linux guests print their ' +
+                                             'boot messages and a login here when their kernel has console=ttyS0.'),
+      h('button', { type: 'button', id: 'console-clear', onclick: () => { current?.terminal?.clear(); current?.terminal?.focus(); } },
+        'Clear')),
     box);
   current.terminal = new SerialTerminal(box, current.id);
   current.terminal.open();

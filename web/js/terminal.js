@@ -105,6 +105,11 @@ export class SerialTerminal {
     }
   }
 
+  /** Wipe the screen and the scrollback; what the guest prints next starts at the top. */
+  clear() {
+    this.terminal.reset();
+  }
+
   focus() {
     this.terminal.focus();
   }
