@@ -2,11 +2,12 @@
 """Build (and cache) the swtpm helper micro-VM image from Debian packages.
 
 The helper is a tiny Linux VM whose only job is to run swtpm on TCP, for hosts where swtpm cannot
-run natively. Its image is two files: Debian's cloud kernel as an uncompressed PVH ``vmlinux``
-(QEMU boots it directly, skipping the decompressor) and a zstd initramfs holding busybox, swtpm
-with its libraries, mke2fs/e2fsck and the virtio modules, whose ``/init`` is ``init.sh`` beside
-this file. ``manifest.json`` lists both files with their size and sha256 (Thalunix refuses a
-damaged image), the kernel command line, the guest's TCP ports and the packages used.
+run natively. Its image is three files: Debian's cloud kernel as an uncompressed PVH ``vmlinux``
+(QEMU boots it directly, skipping the decompressor); a small zstd initramfs with busybox, the
+virtio modules and ``/init`` (``init.sh`` beside this file); and a read-only ext4 root disk
+holding swtpm, mke2fs/e2fsck and their libraries (read on demand, so they cost no RAM up front).
+``manifest.json`` lists the files with their size and sha256 (Thalunix refuses a damaged image),
+the kernel command line, the guest's RAM and TCP ports and the packages used.
 
 Usage::
 
@@ -20,7 +21,7 @@ Cache: ``<repo>/.cache/helper-vm/<key>/`` where *key* is a sha256 over the exact
 sha256s (from apt's index, checked against the downloaded files), this file and ``init.sh``.
 An entry is built in a temporary folder and renamed into place when complete; ``current``
 (written atomically) names the newest entry, which is how a checkout's Thalunix finds it.
-Host needs: apt-get, dpkg-deb, zstd, lz4. Nothing is installed on the host.
+Host needs: apt-get, dpkg-deb, zstd, lz4, mke2fs (e2fsprogs). Nothing is installed on the host.
 """
 
 from __future__ import annotations
@@ -45,29 +46,32 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "helper-vm"
-FORMAT = 1  # bump when the image layout changes in a way Thalunix must know about
+FORMAT = 2  # bump when the image layout changes in a way Thalunix must know about
 
 #: Debian packages the *host* needs to build the image.
-HOST_PACKAGES = ["zstd", "lz4", "dpkg"]
+HOST_PACKAGES = ["zstd", "lz4", "dpkg", "e2fsprogs"]
 
 KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 #: Packages the image is made of (downloaded, never installed). Shared libraries the binaries need
 #: are found by reading their ELF headers; a library in none of these packages fails the build.
 PACKAGES = ["busybox-static", "swtpm", "swtpm-libs", "libtpms0", "libssl3", "libseccomp2", "libc6",
             "e2fsprogs", "libext2fs2", "libcom-err2", "libblkid1", "libuuid1"]
-#: (package, path inside it, path in the initramfs)
-BINARIES = [("busybox-static", "bin/busybox", "bin/busybox"),
-            ("swtpm", "usr/bin/swtpm", "bin/swtpm"),
+#: (package, path inside it, path on the read-only root disk); busybox alone goes into the initramfs
+BINARIES = [("swtpm", "usr/bin/swtpm", "bin/swtpm"),
             ("e2fsprogs", "sbin/mke2fs", "sbin/mke2fs"),
             ("e2fsprogs", "sbin/e2fsck", "sbin/e2fsck")]
+#: Where init.sh mounts the root disk; the program interpreter link in the initramfs points there.
+RO_MOUNT = "ro"
+ROOT_LABEL = "thalunix-root"
 LIB_DIR = "lib/x86_64-linux-gnu"
 #: Drivers needed beyond what the cloud kernel builds in (ext4, crc32c, serial are built in).
 WANTED_MODULES = ["virtio_mmio", "virtio_pci", "virtio_net", "virtio_blk"]
 
 GUEST_DATA_PORT = 2321
 GUEST_CTRL_PORT = 2322
-#: Debian's stock kernel panics below ~84 MiB; 96 leaves room for swtpm and the page cache.
-RAM_MIB = 96
+#: Debian's stock kernel runs out of memory below 72 MiB (its image alone reserves ~44 MiB); 80
+#: leaves room for swtpm and the page cache.
+RAM_MIB = 80
 CMDLINE = "console=ttyS0 quiet panic=-1 mitigations=off"
 
 MANIFEST = "manifest.json"
@@ -352,37 +356,59 @@ def _find_library(name: str, roots: dict[str, Path]) -> Path:
                            "add its package to PACKAGES in helper-vm/build.py")
 
 
-def _make_initramfs(roots: dict[str, Path], modules: list[tuple[str, Path]], out: Path) -> dict[str, int]:
-    cpio = _Cpio()
-    for folder in ("bin", "sbin", "dev", "proc", "sys", "tmp", "state", "etc", "lib", "lib64", LIB_DIR,
-                   "lib/modules"):
-        cpio.dir(folder)
-    cpio.chardev("dev/console", 5, 1)
-    cpio.file("init", (HERE / "init.sh").read_bytes(), 0o755)
-    cpio.file("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n")
-    cpio.file("etc/group", b"root:x:0:\n")
+def _make_rootfs(roots: dict[str, Path], staging: Path, out: Path) -> dict[str, int]:
+    """The read-only root disk: swtpm, mke2fs/e2fsck and their libraries (ext4 without journal).
+
+    On a disk, not in the initramfs: the guest reads only the pages it runs, instead of holding
+    ~10 MB unpacked in RAM (with the compressed copy beside it while unpacking) — less RAM, less
+    to decompress at boot.
+    """
     libraries: dict[str, Path] = {}
     pending: list[Path] = []
     for package, source, target in BINARIES:
         path = roots[package] / source
-        cpio.file(target, path.read_bytes(), 0o755)
+        (staging / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, staging / target)
+        (staging / target).chmod(0o755)
         pending.append(path)
     while pending:
         for name in _needed(pending.pop()):
             if name not in libraries:
                 libraries[name] = _find_library(name, roots)
                 pending.append(libraries[name])
+    (staging / LIB_DIR).mkdir(parents=True, exist_ok=True)
     for name, path in sorted(libraries.items()):
-        cpio.file(f"{LIB_DIR}/{name}", path.read_bytes(), 0o755)
+        shutil.copyfile(path, staging / LIB_DIR / name)
+        (staging / LIB_DIR / name).chmod(0o755)
+    content = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+    size_kib = (int(content * 1.25) // 1024 // 1024 + 2) * 1024
+    # Fixed time and UUID: the same inputs give the same bytes.
+    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"}
+    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-b", "4096", "-m", "0", "-N", "128",
+          "-L", ROOT_LABEL, "-U", "7468616c-756e-4978-8000-000000000001", "-E", "root_owner=0:0,hash_seed="
+          "7468616c-756e-4978-8000-000000000002", "-d", str(staging), str(out), f"{size_kib}k"], env=env)
+    return {"content_bytes": content, "libraries": len(libraries)}
+
+
+def _make_initramfs(busybox: Path, modules: list[tuple[str, Path]], out: Path) -> dict[str, int]:
+    cpio = _Cpio()
+    for folder in ("bin", "sbin", "dev", "proc", "sys", "tmp", "state", RO_MOUNT, "etc", "lib", "lib64",
+                   "lib/modules"):
+        cpio.dir(folder)
+    cpio.chardev("dev/console", 5, 1)
+    cpio.file("init", (HERE / "init.sh").read_bytes(), 0o755)
+    cpio.file("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n")
+    cpio.file("etc/group", b"root:x:0:\n")
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     # The program interpreter is looked up by its absolute path, not through the library path.
-    cpio.symlink("lib64/ld-linux-x86-64.so.2", f"/{LIB_DIR}/ld-linux-x86-64.so.2")
+    cpio.symlink("lib64/ld-linux-x86-64.so.2", f"/{RO_MOUNT}/{LIB_DIR}/ld-linux-x86-64.so.2")
     for name, ko in modules:
         cpio.file(f"lib/modules/{name}.ko", ko.read_bytes())
     cpio.file("lib/modules/load-order", ("\n".join(name for name, _ in modules) + "\n").encode())
     raw = cpio.finish()
     # A 1 MiB window keeps the kernel's decompression buffer small in a small guest.
     out.write_bytes(_run(["zstd", "-q", "-19", "--zstd=wlog=20", "-c"], input=raw).stdout)
-    return {"uncompressed_bytes": len(raw), "libraries": len(libraries)}
+    return {"uncompressed_bytes": len(raw)}
 
 
 # -- the build --------------------------------------------------------------------------------------------
@@ -411,16 +437,18 @@ def _build(packages: list[dict[str, str]], work: Path, out: Path) -> dict:
             raise HelperBuildError(f"kernel {version}: {needed} is not built in")
     compression = _extract_vmlinux(vmlinuz[0], out / "vmlinux")
     modules = _select_modules(kernel_root / "lib" / "modules" / version)
-    initramfs = _make_initramfs({pkg["package"]: roots[pkg["package"]] for pkg in packages[1:]}, modules,
-                                out / "initrd.img")
+    initramfs = _make_initramfs(roots["busybox-static"] / "bin" / "busybox", modules, out / "initrd.img")
+    rootfs = _make_rootfs({pkg["package"]: roots[pkg["package"]] for pkg in packages[1:]}, work / "rootfs",
+                          out / "rootfs.img")
     return {
         "format": FORMAT,
-        "kernel": "vmlinux", "initrd": "initrd.img", "cmdline": CMDLINE, "ram_mib": RAM_MIB,
+        "kernel": "vmlinux", "initrd": "initrd.img", "rootfs": "rootfs.img", "root_label": ROOT_LABEL,
+        "cmdline": CMDLINE, "ram_mib": RAM_MIB,
         "guest_ports": {"data": GUEST_DATA_PORT, "ctrl": GUEST_CTRL_PORT},
         "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256_file(out / name)}
-                  for name in ("vmlinux", "initrd.img")},
+                  for name in ("vmlinux", "initrd.img", "rootfs.img")},
         "kernel_version": version, "kernel_compression": compression,
-        "modules": [name for name, _ in modules], "initramfs": initramfs,
+        "modules": [name for name, _ in modules], "initramfs": initramfs, "root_disk": rootfs,
         "packages": packages,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started, 1),

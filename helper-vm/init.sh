@@ -1,13 +1,14 @@
 #!/bin/busybox sh
 # /init of the Thalunix swtpm helper micro-VM (busybox sh, PID 1). Copied into the initramfs by build.py.
 #
-# Loads the virtio drivers, configures user-mode networking (10.0.2.15/24), prepares the TPM state disk
-# (/dev/vda: formatted ext4 when blank, checked otherwise), and runs swtpm on TCP 2321 (TPM commands) and
-# 2322 (control channel). When swtpm exits (CMD_SHUTDOWN from the host) the state is synced and the VM
+# Loads the virtio drivers, mounts the read-only root disk (label thalunix-root: swtpm, e2fsprogs and
+# their libraries) on /ro, configures user-mode networking (10.0.2.15/24), prepares the TPM state disk
+# (the other disk: formatted ext4 when blank, checked otherwise), and runs swtpm on TCP 2321 (TPM commands)
+# and 2322 (control channel). When swtpm exits (CMD_SHUTDOWN from the host) the state is synced and the VM
 # powers off, which ends QEMU. Lines starting with THALUNIX-HELPER are read by the host.
 
 /bin/busybox --install -s /bin
-export PATH=/sbin:/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
+export PATH=/bin
 
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
@@ -29,24 +30,32 @@ ip link set eth0 up || fail "no network device (virtio-net driver missing?)"
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 
-[ -b /dev/vda ] || fail "no TPM state disk (/dev/vda)"
+root=$(findfs LABEL=thalunix-root) || fail "no helper root disk (label thalunix-root)"
+mount -t ext4 -o ro,noatime "$root" /ro || fail "cannot mount the helper root disk $root"
+export PATH=/ro/sbin:/ro/bin:/bin LD_LIBRARY_PATH=/ro/lib/x86_64-linux-gnu
+state=
+for disk in /dev/vd?; do
+    [ "$disk" = "$root" ] || state=$disk
+done
+[ -b "$state" ] || fail "no TPM state disk"
+
 # A disk whose first 2 KiB are zero has never been formatted; anything else is checked, never
 # reformatted, so a damaged state is reported instead of silently replaced by an empty TPM.
-if [ "$(dd if=/dev/vda bs=2048 count=1 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; then
+if [ "$(dd if="$state" bs=2048 count=1 2>/dev/null | tr -d '\000' | wc -c)" = 0 ]; then
     say "formatting a new TPM state disk"
-    /sbin/mke2fs -q -t ext4 -b 1024 -L thalunix-tpm /dev/vda > /dev/ttyS0 2>&1 || fail "mke2fs failed on the state disk"
+    /ro/sbin/mke2fs -q -t ext4 -b 1024 -L thalunix-tpm "$state" > /dev/ttyS0 2>&1 \
+        || fail "mke2fs failed on the state disk"
 else
-    /sbin/e2fsck -p /dev/vda > /dev/ttyS0 2>&1
+    /ro/sbin/e2fsck -p "$state" > /dev/ttyS0 2>&1
     [ $? -lt 4 ] || fail "the TPM state disk is damaged (e2fsck found errors it could not repair)"
 fi
-mkdir -p /state
 # sync,dirsync: swtpm renames its state file into place without an fsync of the directory; only
 # synchronous metadata makes an NV write survive a kill of the helper right after it.
-mount -t ext4 -o noatime,sync,dirsync /dev/vda /state || fail "cannot mount the TPM state disk"
+mount -t ext4 -o noatime,sync,dirsync "$state" /state || fail "cannot mount the TPM state disk"
 mkdir -p /state/tpm2
 
 say "starting swtpm"
-swtpm socket --tpm2 \
+/ro/bin/swtpm socket --tpm2 \
     --server type=tcp,port=2321,bindaddr=0.0.0.0 \
     --ctrl type=tcp,port=2322,bindaddr=0.0.0.0 \
     --tpmstate dir=/state/tpm2 \
@@ -54,5 +63,6 @@ swtpm socket --tpm2 \
 say "swtpm exited with status $?"
 sync
 umount /state
+umount /ro
 say "powering off"
 poweroff -f

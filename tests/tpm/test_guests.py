@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,39 +41,47 @@ def test_native_swtpm_uefi_guest(engine: DirectEngine, make_vm, data_dir: Path) 
     assert list(engine.data.vm_path(config.id, "tpm").glob("tpm2-00.permall"))
 
 
-def test_helper_vm_uefi_guest_outlives_the_thalunix_that_started_it(engine: DirectEngine, make_vm, data_dir: Path,
-                                                                   helper_image: Path) -> None:
+def test_helper_vm_uefi_guest_started_by_the_cli(engine: DirectEngine, make_vm, data_dir: Path,
+                                                 helper_image: Path) -> None:
+    """`thalunix vm start` returns and exits at once: the VM's TPM must go on without that process."""
     make_vm("helped", firmware="uefi", tpm="helper")
     config = engine.get("helped")
+    done = subprocess.run([sys.executable, "-m", "thalunix", "--data-dir", str(data_dir), "vm", "start", "helped"],
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
+    # The helper's console went to the VM's log (the console panel) while the CLI ran.
+    assert "tpm-helper: THALUNIX-HELPER: starting swtpm" in events
+    assert re.search(r"TPM: helper VM on 127\.0\.0\.1:\d+ \(control \d+\), ready in", events)
+
     with engine.bus.subscribe(accept=lambda e: e["type"] == "vm.log" and e.get("vm") == config.id) as logs:
-        engine.start("helped")
+        assert engine.status("helped")["state"] == "running"     # attaches to the VM the CLI left running
+        boot_to_prompt(engine, "helped")
+        assert_measured(*pcr0(engine, "helped"))
+        assert engine.stop("helped", force=True)["state"] == "stopped"
+        assert engine.supervisor.tpm.wait_released(config)
+        assert wait_no_processes(data_dir) == []
+        lines = []
+        while (event := logs.get(timeout=0.2)) is not None:
+            lines.append(event["line"])
+    assert "helper-state.img" in " ".join(p.name for p in engine.data.vm_path(config.id, "tpm").iterdir())
+    assert "powering off" in engine.data.vm_path(config.id, "logs", "tpm-helper.log").read_text()
+    assert not engine.data.vm_path(config.id, "run", "tpm.json").exists()
+
+
+def test_helper_vm_events_reach_the_bus(engine: DirectEngine, make_vm, data_dir: Path, helper_image: Path) -> None:
+    make_vm("bus", tpm="helper")
+    config = engine.get("bus")
+    with engine.bus.subscribe(accept=lambda e: e["type"] == "vm.log" and e.get("vm") == config.id) as logs:
+        engine.start("bus")
         lines = []
         while (event := logs.get(timeout=0.5)) is not None:
             lines.append(event["line"])
-    # The helper's own console shows in the VM's log stream (the console panel) and in events.log.
     assert any("tpm-helper: THALUNIX-HELPER: starting swtpm" in line for line in lines), lines
-    assert any("TPM: helper VM on 127.0.0.1:" in line for line in lines), lines
-    events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
-    assert "tpm-helper: THALUNIX-HELPER: starting swtpm" in events
-    boot_to_prompt(engine, "helped")
-    first = pcr0(engine, "helped")
-    assert_measured(*first)
-
-    # `thalunix vm start` exits right away: the VM and its TPM must go on without this process's help.
-    engine.close(stop_vms=False)
-    later = DirectEngine.open(data_dir)
-    try:
-        assert later.status("helped")["state"] == "running"
-        assert pcr0(later, "helped") == first
-        assert later.stop("helped", force=True)["state"] == "stopped"
-        assert later.supervisor.tpm.wait_released(later.get("helped"))
-    finally:
-        later.close()
+    assert any("tpm-helper: QEMU connected to the TPM control socket" in line for line in lines), lines
+    engine.stop("bus", force=True)
+    assert engine.supervisor.tpm.wait_released(config)
     assert wait_no_processes(data_dir) == []
-    assert engine.data.vm_path(config.id, "tpm", "helper-state.img").stat().st_size == 4 << 20
-    assert "ended (QEMU closed the TPM control channel)" in \
-        engine.data.vm_path(config.id, "logs", "events.log").read_text() or \
-        "powering off" in engine.data.vm_path(config.id, "logs", "tpm-helper.log").read_text()
 
 
 def _without_emulation(engine: DirectEngine) -> None:

@@ -48,7 +48,7 @@ _verified: dict[tuple[str, int, int], str] = {}
 
 @dataclass(frozen=True)
 class HelperImage:
-    """A built helper image: kernel, initramfs and what the manifest says about them."""
+    """A built helper image: kernel, initramfs, read-only root disk and what the manifest says about them."""
 
     folder: Path
     kernel: Path
@@ -57,6 +57,7 @@ class HelperImage:
     ram_mib: int
     guest_data_port: int
     guest_ctrl_port: int
+    rootfs: Path | None = None
 
     @classmethod
     def load(cls, folder: Path | None, verify: bool = True) -> "HelperImage":
@@ -73,13 +74,14 @@ class HelperImage:
                         initrd=Path(folder) / manifest["initrd"], cmdline=str(manifest["cmdline"]),
                         ram_mib=int(manifest.get("ram_mib", 96)),
                         guest_data_port=int(manifest["guest_ports"]["data"]),
-                        guest_ctrl_port=int(manifest["guest_ports"]["ctrl"]))
+                        guest_ctrl_port=int(manifest["guest_ports"]["ctrl"]),
+                        rootfs=Path(folder) / manifest["rootfs"] if manifest.get("rootfs") else None)
         except FileNotFoundError:
             raise HelperImageError(f"the swtpm helper VM image in {folder} has no manifest.json; {rebuild}") from None
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise HelperImageError(f"the swtpm helper VM manifest {manifest_path} is unreadable ({error}); "
                                    f"{rebuild}") from None
-        for name in (image.kernel.name, image.initrd.name):
+        for name in [image.kernel.name, image.initrd.name] + ([image.rootfs.name] if image.rootfs else []):
             if name not in files:
                 raise HelperImageError(f"the helper manifest {manifest_path} does not list {name}; {rebuild}")
             path = Path(folder) / name
@@ -174,6 +176,7 @@ class HelperVM:
         self.started_at = 0.0
         self.ready_seconds = 0.0
         self._reader: threading.Thread | None = None
+        self._guest_net_up = False
         self._log_handle: IO[str] | None = None
 
     # -- argv -----------------------------------------------------------------------------------------
@@ -183,7 +186,9 @@ class HelperVM:
         kvm = self.accel.split(",")[0] in ("kvm", "hvf", "whpx")
         khz = host_tsc_khz()
         if khz and not kvm:
-            cmdline += f" tsc_early_khz={khz}"
+            # The TSC rate skips calibration (which hangs under load with microvm); "reliable" keeps the
+            # clocksource watchdog from dropping the TSC for jiffies when TCG's timing wobbles.
+            cmdline += f" tsc_early_khz={khz} tsc=reliable"
         microvm = not self.machines or "microvm" in self.machines
         suffix = "device" if microvm else "pci"
         argv = [str(self.qemu)] + (["-L", self.data_dir] if self.data_dir else [])
@@ -199,6 +204,10 @@ class HelperVM:
                  "-blockdev", json.dumps({"driver": "raw", "node-name": "state",
                                           "file": {"driver": "file", "filename": str(self.state_disk)}}),
                  "-device", f"virtio-blk-{suffix},drive=state",
+                 *(["-blockdev", json.dumps({"driver": "raw", "node-name": "root", "read-only": True,
+                                             "file": {"driver": "file", "filename": str(img.rootfs),
+                                                      "read-only": True}}),
+                    "-device", f"virtio-blk-{suffix},drive=root"] if img.rootfs else []),
                  "-chardev", "stdio,id=ser0,signal=off", "-serial", "chardev:ser0"]
         return argv
 
@@ -238,6 +247,7 @@ class HelperVM:
 
     def _start_once(self) -> None:
         self.guest_error = ""
+        self._guest_net_up = False
         self.lines.clear()
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -295,11 +305,17 @@ class HelperVM:
             time.sleep(0.02)
 
     def _answers(self) -> bool:
+        """One readiness probe. User networking accepts at once and then connects to the guest: before the
+        guest's network is up nothing comes back (short timeout, probe again); once it is up, a closed port
+        ends the connection at once, and a listening swtpm gets the time it needs to answer."""
         try:
             with socket.create_connection((HOST, self.data_port), timeout=0.2) as sock:
-                sock.settimeout(0.5)
+                sock.settimeout(2.0 if self._guest_net_up else 0.08)
                 response = p.tpm_command(sock, p.TPM2_GET_RANDOM_8)
             return p.tpm_response_code(response) in (0, p.TPM_RC_INITIALIZE)
+        except p.ProtocolError:
+            self._guest_net_up = True   # the guest refused: its stack is up, swtpm not yet
+            return False
         except OSError:
             return False
 
