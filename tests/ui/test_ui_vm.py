@@ -101,14 +101,17 @@ def test_beginner_runs_a_vm_from_the_window(ui, guest, engine: DirectEngine) -> 
     ui.shoot("14-paused")
     page.click("#action-resume")
     ui.wait_state("ui-guest", "running", timeout=30)
+
+    # -- the logs, appended live; another front pausing the VM shows up in its state and its log --------
+    page.click("#tab-logs")
+    page.wait_for_function("() => document.querySelector('#log-text').textContent.includes('QMP event STOP')")
+    stops = "() => document.querySelector('#log-text').textContent.split('QMP event STOP').length - 1"
+    before = page.evaluate(stops)
     engine.pause("ui-guest")          # as the CLI would: the page hears it from the event stream
     ui.wait_state("ui-guest", "paused", timeout=30)
     engine.resume("ui-guest")
     ui.wait_state("ui-guest", "running", timeout=30)
-
-    # -- the logs ------------------------------------------------------------------------------------
-    page.click("#tab-logs")
-    page.wait_for_function("() => document.querySelector('#log-text').textContent.length > 0")
+    page.wait_for_function(f"() => ({stops})() > {before}")
     ui.shoot("15-logs")
 
     # -- force stop asks first; cancelled, the VM keeps running --------------------------------------
