@@ -39,7 +39,7 @@ from thalunix import __version__, disks
 from thalunix.errors import ThalunixError, ValidationError
 from thalunix.jobs import Job, WorkFolder
 from thalunix.model import VMConfig, random_mac, validate, validate_name
-from thalunix.qemu.img import allocated_size, qcow2_backing_file
+from thalunix.qemu.img import qcow2_backing_file
 
 if TYPE_CHECKING:
     from thalunix.engine import DirectEngine
@@ -97,9 +97,8 @@ class _CountingReader(io.BufferedReader):
 
 
 # -- export ---------------------------------------------------------------------------------------------
-def export_vm(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[str], job: Job) -> dict[str, Any]:
-    """Write the stopped VM to ``file`` (.7z); the file appears whole or not at all."""
-    config = disks.reload(engine, config)
+def export_precheck(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[str]) -> Path:
+    """Everything that refuses an export, checked before any job starts; returns the target path."""
     target = Path(file).expanduser().absolute()
     if target.suffix.lower() != ".7z":
         raise ValidationError(f"export file {target.name!r} must end in .7z", "file")
@@ -108,6 +107,13 @@ def export_vm(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[
     if not target.parent.is_dir():
         raise ValidationError(f"folder {target.parent} does not exist; create it or pick another place", "file")
     disks.require_stopped(engine, config, "export it")
+    return target
+
+
+def export_vm(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[str], job: Job) -> dict[str, Any]:
+    """Write the stopped VM to ``file`` (.7z); the file appears whole or not at all."""
+    config = disks.reload(engine, config)
+    target = export_precheck(engine, config, file)
     img = disks.qemu_img(engine)
     with WorkFolder(engine.data, f"export-{config.id[:8]}") as work:
         root = work / "vm"
@@ -211,7 +217,9 @@ def _prepare_disk(engine: "DirectEngine", disk_id: str, fmt: str, source: Path, 
     img.convert(source, compact, "qcow2", fmt, compress=True, progress=lambda pct: job.update(pct),
                 track=job.track)
     job.check_cancelled()
-    if has_backing or allocated_size(compact) < allocated_size(source):
+    # Compared with the source's full length, not its allocated blocks: that is what a member costs in the
+    # archive and what extracting it writes (zeros and all), while qemu-img makes the raw sparse again on import.
+    if has_backing or compact.stat().st_size < source.stat().st_size:
         return {**entry, "path": f"disks/{stem}.qcow2", "stored_format": "qcow2", "compressed": True,
                 "dropped_snapshots": [s["name"] for s in snapshots]}
     compact.unlink()

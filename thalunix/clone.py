@@ -76,15 +76,20 @@ def _copy_firmware_and_tpm(engine: "DirectEngine", source: VMConfig, staging: Pa
             shutil.copytree(state, staging / "tpm", dirs_exist_ok=True)
 
 
+def clone_precheck(engine: "DirectEngine", source: VMConfig, name: str, tpm: str) -> None:
+    """Everything that refuses a clone, checked before any job starts."""
+    if tpm not in TPM_CHOICES:
+        raise ValidationError(f"tpm {tpm!r}: choose fresh (a new, empty TPM) or copy (the source's TPM state)", "tpm")
+    _check_target_name(engine, name)
+    disks.require_stopped(engine, source, "clone it")
+
+
 def clone_vm(engine: "DirectEngine", source: VMConfig, name: str, linked: bool = False, tpm: str = "fresh",
              job: Job | None = None) -> dict[str, Any]:
     """Make ``name`` from the stopped VM ``source``; returns the new VM's summary."""
     job = job or Job(None, "clone")
-    if tpm not in TPM_CHOICES:
-        raise ValidationError(f"tpm {tpm!r}: choose fresh (a new, empty TPM) or copy (the source's TPM state)", "tpm")
     source = disks.reload(engine, source)
-    _check_target_name(engine, name)
-    disks.require_stopped(engine, source, "clone it")
+    clone_precheck(engine, source, name, tpm)
     clone = new_identity(source, name)
     img = disks.qemu_img(engine)
     with WorkFolder(engine.data, f"clone-{clone.id[:8]}") as work:

@@ -497,16 +497,16 @@ class DirectEngine(Engine):
 
     def clone(self, name: str, new_name: str, linked: bool = False, tpm: str = "fresh",
               wait: bool = False) -> dict[str, Any]:
-        from thalunix import clone, disks
+        from thalunix import clone
         config = self.get(name)
-        disks.require_stopped(self, config, "clone it")
+        clone.clone_precheck(self, config, new_name, tpm)
         return self._job("vm.clone", config, f"{'linked' if linked else 'full'} clone of {config.name} as {new_name}",
                          lambda job: clone.clone_vm(self, config, new_name, linked=linked, tpm=tpm, job=job), wait)
 
     def export(self, name: str, file: str, wait: bool = False) -> dict[str, Any]:
-        from thalunix import archive, disks
+        from thalunix import archive
         config = self.get(name)
-        disks.require_stopped(self, config, "export it")
+        archive.export_precheck(self, config, file)
         return self._job("vm.export", config, f"exporting {config.name}",
                          lambda job: archive.export_vm(self, config, file, job), wait)
 
