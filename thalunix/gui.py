@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import Any, Callable
@@ -86,13 +87,15 @@ def running_vms(engine: DirectEngine) -> list[str]:
 
 
 def close_question(names: list[str]) -> tuple[str, str]:
+    """Title and text of the question asked when the window closes with ``names`` running."""
     listed = ", ".join(repr(name) for name in names)
     many = len(names) > 1
+    them = "them" if many else "it"
+    # GTK shows only the text, not the title: the text asks the whole question.
     return ("Stop the running VMs?" if many else "Stop the running VM?",
-            f"{listed} {'are' if many else 'is'} still running.\n\n"
-            f"OK stops {'them' if many else 'it'} now (the guest is asked to shut down first).\n"
-            f"Cancel leaves {'them' if many else 'it'} running; Thalunix finds "
-            f"{'them' if many else 'it'} again the next time it opens.")
+            f"{listed} {'are' if many else 'is'} still running. Stop {them} before closing?\n\n"
+            f"OK stops {them} now (each guest is asked to shut down first).\n"
+            f"Cancel leaves {them} running; Thalunix finds {them} again the next time it opens.")
 
 
 class CloseGuard:
@@ -173,9 +176,22 @@ def run_window(engine: DirectEngine, server: ApiServer | None = None, width: int
     window.events.loaded += lambda: _attach_drop(window, engine.bus)
     if on_shown is not None:
         window.events.shown += lambda: on_shown(window)
+
+    def leave(*_: Any) -> None:
+        # SIGTERM or Ctrl+C: nobody is there to answer a question, so VMs are left running.
+        if guard.stop_vms is None:
+            guard.stop_vms = False
+        threading.Thread(target=window.destroy, daemon=True).start()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGINT):
+            previous[number] = signal.signal(number, leave)
     try:
         webview.start(private_mode=True)
     finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         stop = bool(guard.stop_vms)
         engine.close(stop_vms=stop)
         if own_server:
