@@ -132,6 +132,10 @@ def test_buttons_follow_state_and_edit_saves_only_changes(ui, engine: DirectEngi
     assert config.firmware == "bios" and config.cdroms[0].path == vm.cdroms[0].path   # untouched fields kept
     page.click("#tab-screen")
     page.get_by_text("This VM uses QEMU's own window").wait_for()
+    page.click("#display-vnc")                       # and back, from the screen tab itself
+    page.wait_for_selector("#display-native")
+    assert engine.get("box").display.kind == "vnc"
+    ui.shoot("05-screen-stopped")
 
     # A rename conflicting with nothing, then one the model refuses: the error sits under the name.
     page.click("#action-edit")

@@ -456,11 +456,14 @@ function renderScreen() {
   current.screen?.disconnect();
   current.screen = null;
   let message;
+  const stopped = ALLOWED.edit.has(now);
+  const switchTo = (target, label) => h('button', { type: 'button', id: `display-${target}`, onclick: () => setDisplay(target) }, label);
   if (kind === 'native') {
     message = [h('h2', {}, "This VM uses QEMU's own window"),
                h('p', {}, UP.has(now) ? 'Its screen is in a separate window on this computer.'
                                       : 'When it starts, its screen opens in a separate window on this computer.'),
-               h('p', { class: 'hint' }, 'To see the screen here instead, stop the VM and set Screen to “Embedded screen” in its settings.')];
+               stopped ? switchTo('vnc', 'Show the screen here instead')
+                       : h('p', { class: 'hint' }, 'To see the screen here instead, stop the VM first.')];
   } else if (kind === 'none') {
     message = [h('h2', {}, 'This VM has no screen'), h('p', {}, 'Use the Console tab to talk to it over its serial line.')];
   } else if (now === 'starting') {
@@ -468,9 +471,22 @@ function renderScreen() {
   } else {
     message = [h('h2', {}, `${vmLabel(vms.get(current.id) || {})} is ${STATE_LABELS[now]?.toLowerCase() || now}`),
                h('p', {}, 'Start it to see its screen here.'),
-               ALLOWED.start.has(now) ? h('button', { class: 'primary', type: 'button', onclick: () => run('start') }, icon('play'), 'Start') : null];
+               h('div', { class: 'panel-buttons' },
+                 ALLOWED.start.has(now) ? h('button', { class: 'primary', type: 'button', onclick: () => run('start') }, icon('play'), 'Start') : null,
+                 stopped && kind === 'vnc' ? switchTo('native', "Use QEMU's own window instead") : null)];
   }
   panel.replaceChildren(h('div', { class: 'panel-empty' }, message));
+}
+
+/** Switch a stopped VM between the embedded screen and QEMU's own window. */
+async function setDisplay(kind) {
+  const view = current;
+  try {
+    view.detail = await api.editVm(view.id, { display: { ...view.detail.display, kind } });
+    if (current === view) { renderScreen(); renderDetails(); }
+  } catch (error) {
+    toast(error.message, 'error');
+  }
 }
 
 function openConsole() {

@@ -249,7 +249,8 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
       return;
     }
     const box = wrap.querySelector('.field-error');
-    box.textContent = message;
+    // Next to its field the message needs no "forwards.host_port: " in front.
+    box.textContent = message.replace(/^[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*: /, '');
     box.hidden = false;
     wrap.classList.add('invalid');
     if (wrap.closest('details')) wrap.closest('details').open = true;
