@@ -63,3 +63,16 @@ def pcr0(engine: DirectEngine, name: str) -> tuple[str, str]:
     listing = guest_run(engine, name, "ls /sys/class/tpm", "LS-END").strip()
     value = guest_run(engine, name, "cat /sys/class/tpm/tpm0/pcr-sha256/0", "PCR-END").strip()
     return listing, value
+
+
+def wait_serial_after(engine: DirectEngine, name: str, needle: bytes, offset: int, timeout: float) -> bool:
+    """Like ``wait_serial``, but only output after ``offset`` counts (the console keeps earlier boots)."""
+    config = engine.get(name)
+    supervisor = engine.supervisor
+    deadline = time.monotonic() + timeout
+    with engine.bus.subscribe(accept=lambda e: e.get("vm") == config.id) as events:
+        while time.monotonic() < deadline:
+            if needle in supervisor.serial_output(config)[offset:]:
+                return True
+            events.get(timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+    return needle in supervisor.serial_output(config)[offset:]

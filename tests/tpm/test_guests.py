@@ -14,7 +14,7 @@ from thalunix.engine import DirectEngine
 from thalunix.runtime import Capabilities
 from thalunix.tpm import TpmUnavailableError
 
-from tpm.support import boot_to_prompt, pcr0, wait_no_processes
+from tpm.support import boot_to_prompt, guest_run, pcr0, wait_no_processes, wait_serial_after
 
 pytestmark = pytest.mark.qemu
 
@@ -108,4 +108,23 @@ def test_host_without_tpm_emulation(engine: DirectEngine, make_vm, data_dir: Pat
         with pytest.raises(TpmUnavailableError, match=f"TPM is '{mode}' but this QEMU build has no TPM emulation"):
             engine.start("plain")
         assert engine.status("plain")["state"] == "stopped"
+    assert wait_no_processes(data_dir) == []
+
+
+def test_helper_tpm_across_a_guest_reset(engine: DirectEngine, make_vm, data_dir: Path, helper_image: Path) -> None:
+    """A reset re-initialises the TPM through the bridge (STOP, INIT mid-session); firmware measures again."""
+    make_vm("reset", firmware="uefi", tpm="helper")
+    config = engine.get("reset")
+    engine.start("reset")
+    boot_to_prompt(engine, "reset")
+    extended = guest_run(engine, "reset", "cat /sys/class/tpm/tpm0/pcr-sha256/0", "BEFORE").strip()
+    offset = len(engine.supervisor.serial_output(config))
+    engine.reset("reset")
+    assert wait_serial_after(engine, "reset", b"THALUNIX-GUEST-READY", offset, 240)
+    assert wait_serial_after(engine, "reset", b"thalunix-guest:/# ", offset, 60)
+    listing, after = pcr0(engine, "reset")
+    assert_measured(listing, after)
+    assert after == extended, "the same firmware must measure the same PCR 0 after a reset"
+    engine.stop("reset", force=True)
+    assert engine.supervisor.tpm.wait_released(config)
     assert wait_no_processes(data_dir) == []
