@@ -114,3 +114,61 @@ def test_sigkilled_download_resumes_in_the_next_process(tmp_path: Path):
     assert transfers[-1].sent == len(image) - resumed_at
     assert sha256((data / "isos" / "big.iso").read_bytes()) == sha256(image)
     assert not list((data / "downloads").glob("*.part"))
+
+
+def test_ctrl_c_pauses_and_the_same_command_resumes(tmp_path: Path):
+    image = random_bytes(6 << 20)
+    data = tmp_path / "data"
+    with FileServer() as server:
+        resource = server.add("/isos/int.iso", image, rate=1_500_000)
+        url = server.url("/isos/int.iso")
+        command = [sys.executable, "-m", "thalunix", "--data-dir", str(data), "iso", "download", url,
+                   "--sha256", sha256(image)]
+        first = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list(data.glob("downloads/*.part")):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=30)
+        assert first.returncode == 130, err
+        assert "Paused" in err and "run the same command again to resume" in err
+        kept = next((data / "downloads").glob("*.part")).stat().st_size
+        assert 0 < kept < len(image)
+        resource.rate = None
+        second = cli(data, "iso", "download", url, "--sha256", sha256(image))
+        assert second.returncode == 0, second.stderr
+        assert server.requests_for("/isos/int.iso")[-1].range == f"bytes={kept}-"
+
+
+def test_engine_verbs_are_json_and_map_to_routes(tmp_path: Path):
+    from thalunix.engine import DirectEngine
+    image = random_bytes(2 << 20)
+    engine = DirectEngine.open(tmp_path / "data")
+    try:
+        with FileServer() as server:
+            server.add("/isos/e.iso", image, rate=1_000_000)
+            with engine.bus.subscribe(accept=lambda e: e["type"] == "job.progress") as events:
+                job_id = engine.download_iso(server.url("/isos/e.iso"), sha256=sha256(image))
+                assert isinstance(job_id, str)
+                assert engine.download_iso(server.url("/isos/e.iso"), sha256=sha256(image)) == job_id  # same job
+                first = events.get(timeout=10)
+                assert first["job"] == job_id and first["kind"] == "download"
+                started = time.monotonic()
+                paused = engine.pause_download(job_id)      # while queued: it may already be in a worker's hands
+                engine.downloads.wait(job_id, 30)
+                assert time.monotonic() - started < 5
+                assert engine.download(job_id)["state"] == "paused" and paused["id"] == job_id
+                server.resources["/isos/e.iso"].rate = None
+                engine.resume_download(job_id)
+                engine.downloads.wait(job_id, 60)
+            final = engine.download(job_id)
+            json.dumps(final), json.dumps(engine.list_isos()), json.dumps(engine.catalog())
+            assert final["state"] == "ready" and final["percent"] == 100.0
+            assert [row["status"] for row in engine.list_isos()] == ["ready"]
+            cancelled = engine.cancel_download(job_id)
+            assert cancelled["state"] == "ready"          # a finished download is not undone by cancel
+    finally:
+        engine.close()

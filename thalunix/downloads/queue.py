@@ -203,12 +203,12 @@ class DownloadManager:
     def pause(self, job_id: str) -> DownloadJob:
         job = self.get(job_id)
         with self._lock:
-            if job.state == "queued":
-                with contextlib.suppress(ValueError):
-                    self._pending.remove(job)
+            if job.state == "queued" and job in self._pending:
+                self._pending.remove(job)
                 self._set(job, "paused", "paused")
-            elif job.state in ("resolving", "downloading"):
-                job.control.pause()
+                job.done.set()
+            elif job.state in ("queued", "resolving", "downloading"):
+                job.control.pause()      # a worker has it (maybe just taken from the queue): it stops at its next check
             elif job.state not in ("paused",):
                 raise ConflictError(f"download {job.id} is {job.state}; only a queued or running download pauses")
         return job
@@ -225,14 +225,13 @@ class DownloadManager:
     def cancel(self, job_id: str) -> DownloadJob:
         job = self.get(job_id)
         with self._lock:
-            if job.state in ("resolving", "downloading"):
+            if job.state in ("resolving", "downloading") or (job.state == "queued" and job not in self._pending):
                 job.control.cancel()
                 return job
             if job.state in ("verifying", "extracting"):
                 raise ConflictError(f"download {job.id} is {job.state}; wait a moment and cancel again")
             if job.state == "queued":
-                with contextlib.suppress(ValueError):
-                    self._pending.remove(job)
+                self._pending.remove(job)
             if job.state not in FINAL_STATES:
                 self._discard_partial(job.id)
                 self._set(job, "cancelled", "cancelled; the partial file was removed")
@@ -322,7 +321,14 @@ class DownloadManager:
 
     def _run(self, job: DownloadJob) -> None:
         lock = FileLock(self.data.downloads_dir / f"{job.id}.lock")
-        if not lock.acquire():
+        acquired = lock.acquire()
+        for _ in range(100):
+            # A resume right after a pause may find this process's previous run still letting go.
+            if acquired or lock.holder() != str(os.getpid()):
+                break
+            time.sleep(0.02)
+            acquired = lock.acquire()
+        if not acquired:
             self._fail(job, ConflictError(f"download {job.id} is running in another Thalunix process (pid "
                                           f"{lock.holder()}); follow it there"))
             return
