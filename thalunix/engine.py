@@ -263,7 +263,11 @@ class DirectEngine(Engine):
 
     # -- running ----------------------------------------------------------------------------------------
     def start(self, name: str) -> dict[str, Any]:
-        return self.supervisor.start(self.get(name))
+        config = self.get(name)
+        busy = self.jobs.busy(config)
+        if busy:   # the VM's lock is ours already (re-entrant): only this says its images are being rewritten
+            raise ConflictError(f"{config.label} is busy with {busy.title} (job {busy.id}); wait for it to finish")
+        return self.supervisor.start(config)
 
     def stop(self, name: str, force: bool = False, timeout: float = 60) -> dict[str, Any]:
         return self.supervisor.stop(self.get(name), force=force, timeout=timeout)

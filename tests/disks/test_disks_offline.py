@@ -188,9 +188,24 @@ def test_disk_add_remove_resize_and_cli(engine: DirectEngine, data_dir: Path, tm
     assert done.returncode == 1 and "no snapshot 'nope'" in done.stderr
     done = cli("vm", "disk", "cli", "remove", "disk1", "--delete-file")
     assert done.returncode == 0 and "deleted" in done.stdout
+    done = cli("vm", "clone", "cli", "cli-linked", "--linked")
+    assert done.returncode == 0 and "linked clone 'cli-linked'" in done.stdout, done.stderr
+    done = cli("vm", "delete", "cli", "--yes")
+    assert done.returncode == 1 and "linked clone 'cli-linked'" in done.stderr
+    archive_path = tmp_path / "cli.7z"
+    done = cli("vm", "export", "cli-linked", str(archive_path))
+    assert done.returncode == 0 and archive_path.is_file(), done.stderr
+    done = cli("vm", "import", str(archive_path), "--name", "cli-back", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["name"] == "cli-back"
+    done = cli("vm", "import", str(tmp_path / "missing.7z"))
+    assert done.returncode == 1 and "does not exist" in done.stderr
     fresh = DirectEngine.open(data_dir)
     try:
+        assert [row["name"] for row in fresh.list()] == ["cli", "cli-back", "cli-linked"]
+        assert fresh.disks("cli-back")[0]["backing_file"] is None   # the export flattened the linked disk
         assert [d.id for d in fresh.get("cli").disks] == ["disk0"]
-        assert sorted(p.name for p in fresh.data.vm_path(fresh.get("cli").id, "disks").iterdir()) == ["disk0.qcow2"]
+        names = {p.name for p in fresh.data.vm_path(fresh.get("cli").id, "disks").iterdir()}
+        assert "disk0.qcow2" in names and not any(name.startswith("disk1") for name in names)   # disk1 erased
     finally:
         fresh.close()

@@ -131,6 +131,8 @@ def test_job_verbs(engine: DirectEngine, tmp_path: Path) -> None:
     if engine.job(job["id"])["state"] == "running":
         with pytest.raises(ConflictError, match="busy"):
             engine.clone("jobs", "jobs-2")
+        with pytest.raises(ConflictError, match="busy"):
+            engine.start("jobs")   # QEMU must not open images being read or rewritten
     finished = engine.jobs.wait(job["id"], 120)
     assert finished["state"] == "done" and finished["percent"] == 100, finished
     assert job["id"] in {j["id"] for j in engine.jobs_list()}
