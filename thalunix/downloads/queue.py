@@ -26,7 +26,6 @@ import collections
 import contextlib
 import datetime
 import hashlib
-import json
 import lzma
 import os
 import re
