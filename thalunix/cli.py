@@ -579,7 +579,10 @@ def _iso(engine: DirectEngine, args: argparse.Namespace) -> int:
             d = row["defaults"]
             defaults = (f"{d.get('ram', '?')} RAM, {d.get('disk', '?')} disk, {d.get('firmware', '?')}, "
                         f"tpm {d.get('tpm', '?')}") if d else ""
-            lines.append(f"{row['id']:22} {row['trust']:14} {defaults:34} {row['name']}")
+            trust = row["trust"] + ("*" if row["trust"] == "signed" and not row["keys_present"] else "")
+            lines.append(f"{row['id']:22} {trust:14} {defaults:34} {row['name']}")
+        if any(row["trust"] == "signed" and not row["keys_present"] for row in rows):
+            lines.append("* the publisher's key is not in the keyring yet: thalunix iso catalog --refresh-keys")
         _print(args, rows, "\n".join(lines))
         return 0
     if verb == "download":

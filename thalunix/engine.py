@@ -373,7 +373,9 @@ class DirectEngine(Engine):
 
     def catalog(self) -> list[dict[str, Any]]:
         """The downloadable OSes: id, name, trust (signed / checksum only / manual), defaults for a new VM."""
-        return [entry.summary() for entry in self.downloads.catalog.list()]
+        keyring = self.downloads.keyring
+        return [{**entry.summary(), "keys_present": any(f in keyring for f in entry.fingerprints)}
+                for entry in self.downloads.catalog.list()]
 
     def refresh_catalog(self, url: str | None = None) -> dict[str, Any]:
         """Fetch a newer signed catalog (refused unless signed by a catalog key this build lists)."""

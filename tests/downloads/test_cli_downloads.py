@@ -30,6 +30,7 @@ def test_catalog_lists_entries_and_windows_is_manual(tmp_path: Path):
                    "linuxmint-cinnamon", "alpine-standard", "archlinux", "opensuse-leap", "freebsd", "windows-11"):
         assert wanted in rows
     assert rows["freebsd"]["trust"] == "checksum only"
+    assert rows["debian-netinst"]["keys_present"] and rows["archlinux"]["keys_present"]   # shipped keys
     assert rows["windows-11"]["trust"] == "manual" and rows["windows-11"]["defaults"]["tpm"] == "on"
     refused = cli(tmp_path, "iso", "download", "windows-11")
     assert refused.returncode == 1

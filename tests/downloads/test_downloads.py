@@ -417,3 +417,12 @@ def test_local_iso_add(data, tmp_path: Path):
     assert library.find_ready("mine") == iso                     # registered where it lies
     copied = IsoLibrary(data).add(iso, copy=True)
     assert copied["trust"] == "local" and Path(copied["full_path"]).parent == data.isos_dir
+
+
+def test_signed_entry_without_its_key_is_refused_at_once(harness, server: FileServer, publisher_key: PublisherKey):
+    publish(server, publisher_key, {IMAGE: random_bytes(1 << 20)})
+    manager = harness.manager(signed_entry(server, publisher_key, fingerprints=["0" * 40]))
+    with pytest.raises(VerificationError, match="not in the keyring.*--refresh-keys"):
+        manager.submit("testos")
+    assert server.log == []
+

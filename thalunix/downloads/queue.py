@@ -172,6 +172,11 @@ class DownloadManager:
             if entry.kind == "manual":
                 raise ValidationError(f"{entry.name} cannot be downloaded by Thalunix: {entry.instructions} "
                                       f"({entry.page}). Then add the file: thalunix iso add PATH", "source")
+            if entry.signature and not any(f in self.keyring for f in entry.fingerprints):
+                raise VerificationError(
+                    f"{entry.name}: the publisher's key ({', '.join(entry.fingerprints)}) is not in the keyring, so "
+                    "its signature cannot be checked; fetch it with `thalunix iso catalog --refresh-keys`, or "
+                    "download the image by URL with the SHA-256 from a source you trust (--sha256 HEX)")
             if entry.trust == "no checksum" and not user_hash:
                 raise VerificationError(f"{entry.name}: the publisher offers no checksum, so Thalunix will not "
                                         "download it unchecked; give the SHA-256 from a source you trust: --sha256 HEX")
