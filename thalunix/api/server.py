@@ -87,7 +87,10 @@ class ApiServer:
                 except Exception:  # noqa: BLE001 - a channel already gone is what we want
                     pass
 
-        server.trigger.pull_trigger(close_all)
+        try:
+            server.trigger.pull_trigger(close_all)
+        except OSError:
+            close_all()   # the loop's wake-up pipe is already gone: close from here, the loop ends by its timeout
         if self._thread is not None:
             self._thread.join(timeout)
 
