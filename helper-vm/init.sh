@@ -1,4 +1,4 @@
-#!/bin/busybox sh
+#!/bin/sh
 # /init of the Thalunix swtpm helper micro-VM (busybox sh, PID 1). Copied into the initramfs by build.py.
 #
 # Loads the virtio drivers, mounts the read-only root disk (label thalunix-root: swtpm, e2fsprogs and
@@ -7,7 +7,6 @@
 # and 2322 (control channel). When swtpm exits (CMD_SHUTDOWN from the host) the state is synced and the VM
 # powers off, which ends QEMU. Lines starting with THALUNIX-HELPER are read by the host.
 
-/bin/busybox --install -s /bin
 export PATH=/bin
 
 mount -t devtmpfs devtmpfs /dev
