@@ -57,7 +57,7 @@ def _document() -> dict[str, Any]:
     schemas["StopOptions"]["properties"]["timeout"]["maximum"] = 3
     # Steer creation towards VMs this host can hold, so that some succeed; the rest of each body stays free.
     create = schemas["CreateOptions"]["properties"]
-    create["ram"] = {"type": "string", "pattern": "^(64|96|128)M$"}
+    create["ram"] = {"type": "string", "pattern": "^(64|96|128)M$", "nullable": bool(create["ram"].get("nullable"))}
     create["disk"] = {"type": "string", "pattern": "^([1-9]M)?$", "nullable": True}
     create["cpus"]["maximum"] = 2
     create["forwards"]["items"]["pattern"] = "^tcp:[1-9][0-9]{3}:[1-9][0-9]?$"

@@ -59,7 +59,12 @@ def _schema_of_hint(hint: Any, owner: type, name: str) -> dict[str, Any]:
             schema = _schema_of_hint(options[0], owner, name)
         else:
             schema = {"anyOf": [_schema_of_hint(option, owner, name) for option in options]}
-        return {**schema, "nullable": True} if nullable else schema
+        if not nullable:
+            return schema
+        schema = {**schema, "nullable": True}
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], None]   # OpenAPI 3.0: nullable with an enum needs null listed
+        return schema
     if origin is list:
         (item,) = get_args(hint)
         return {"type": "array", "items": _schema_of_hint(item, owner, name)}
@@ -123,11 +128,15 @@ def _operation(operation_id: str, summary: str, ok: dict[str, Any], *, status: s
 
 
 def openapi_document() -> dict[str, Any]:
+    # Imported here: the route module builds on this one's helpers.
+    from thalunix.api.downloads import openapi_paths as download_paths, openapi_schemas as download_schemas
     vm_ok = _json(_ref("VMDetail"), "The VM's settings and state")
     status_ok = _json(_ref("VMStatus"), "The VM's state after the action")
     create_properties = dataclass_properties(CreateOptions)
     create_properties["ram"] = {"anyOf": [{"type": "string"}, {"type": "integer"}],
                                 "description": "2G, 512M, or MiB as a number"}
+    if create_properties["ram"].get("nullable") or type(None) in get_args(get_type_hints(CreateOptions)["ram"]):
+        create_properties["ram"]["nullable"] = True
     create_properties["disk"] = {"type": "string", "nullable": True,
                                  "description": "size of a new disk (20G) or the path of an existing image"}
     create_properties["iso"] = {"type": "string", "nullable": True, "description": "full path of an ISO file"}
@@ -200,9 +209,7 @@ def openapi_document() -> dict[str, Any]:
                                    "schema": {"type": "string", "enum": list(LOG_KINDS), "default": "events"}},
                             {"name": "tail", "in": "query", "required": False,
                              "schema": {"type": "integer", "minimum": 0, "maximum": LOG_TAIL_MAX}}])},
-            "/api/isos": {"get": _operation(
-                "list_isos", "ISO files in the data folder and those VMs use",
-                _json({"type": "array", "items": _ref("ISO")}, "ISO files, by name"))},
+            **download_paths(),
             "/api/doctor": {"get": _operation(
                 "doctor", "What Thalunix found on this host (QEMU, accelerators, firmware, data folder)",
                 _json({"type": "object", "additionalProperties": True}, "The doctor's report"))},
@@ -263,10 +270,7 @@ def openapi_document() -> dict[str, Any]:
                     "host": {"type": "string", "enum": ["127.0.0.1"]}}},
                 "LogText": {"type": "object", "required": ["kind", "text"], "properties": {
                     "kind": {"type": "string", "enum": list(LOG_KINDS)}, "text": {"type": "string"}}},
-                "ISO": {"type": "object", "required": ["path", "name", "exists", "used_by"], "properties": {
-                    "path": {"type": "string"}, "name": {"type": "string"}, "full_path": {"type": "string"},
-                    "size": {"type": "integer", "nullable": True}, "exists": {"type": "boolean"},
-                    "used_by": {"type": "array", "items": {"type": "string"}}}},
+                **download_schemas(),
                 "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
             },
         },
