@@ -5,7 +5,7 @@ JSON object a line: ``{"step": ...}``. Modes:
 
 * ``probe DATA_DIR`` — once the page loaded: what the page itself can reach (the API through the
   cookie, the JS bridge), then ``pick_file`` from the page, which opens the native file dialog
-  (the test cancels it); then the window closes.
+  (the test cancels it); then a drop as pywebview reports it (page event + bus); then the window closes.
 * ``close DATA_DIR NAME [--start]`` — optionally start VM NAME and wait for its guest; open the
   window; close it as the window manager's close button does; the question appears (the test
   answers it); report whether the VMs were stopped.
@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from thalunix.engine import DirectEngine
-from thalunix.gui import run_window
+from thalunix.gui import _on_drop, run_window
 
 
 def say(step: str, **facts: Any) -> None:
@@ -44,7 +44,7 @@ def wait_js(window: Any, expression: str, timeout: float = 60) -> Any:
     raise TimeoutError(expression)
 
 
-def probe(window: Any) -> None:
+def probe(window: Any, engine: DirectEngine) -> None:
     window.events.loaded.wait(60)
     window.evaluate_js("""
         window.__probe = null;
@@ -62,6 +62,16 @@ def probe(window: Any) -> None:
     say("file-dialog")
     picked = wait_js(window, "window.__picked", timeout=120)
     say("picked", **picked)
+    # A drop as pywebview reports it once GTK gave the full path (a real drag needs an XDND source,
+    # which xdotool cannot be): the page hears it as a DOM event, other fronts on the bus.
+    window.evaluate_js("window.__dropped = null; "
+                       "window.addEventListener('thalunix-drop', e => { window.__dropped = e.detail.paths; });")
+    with engine.bus.subscribe(accept=lambda event: event["type"] == "ui.drop") as drops:
+        _on_drop(window, engine.bus, {"type": "drop", "dataTransfer": {"files": [
+            {"name": "debian 12.iso", "pywebviewFullPath": "/srv/isos/debian 12.iso"},
+            {"name": "no-path.txt"}]}})
+        published = drops.get(timeout=10)
+    say("dropped", page=wait_js(window, "window.__dropped"), bus=published["paths"] if published else None)
     window.destroy()
 
 
@@ -79,7 +89,7 @@ def main() -> None:
     engine = DirectEngine.open(data_dir)
     if mode == "probe":
         stopped = run_window(engine, on_shown=lambda window: threading.Thread(
-            target=probe, args=(window,), daemon=True).start())
+            target=probe, args=(window, engine), daemon=True).start())
     else:
         name = sys.argv[3]
         if "--start" in sys.argv:

@@ -191,6 +191,8 @@ def test_the_page_reaches_the_api_and_opens_the_native_file_dialog(display: str,
         subprocess.run(["xdotool", "mousemove", str(centre[0]), str(centre[1]), "key", "Escape"],
                        env={"DISPLAY": display}, check=True, timeout=30)
         assert driver.expect("picked")["path"] is None   # cancelled: the page gets null
+        dropped = driver.expect("dropped")
+        assert dropped["page"] == dropped["bus"] == ["/srv/isos/debian 12.iso"]
         assert driver.expect("closed")["stopped_vms"] is False
         driver.finish()
     finally:
