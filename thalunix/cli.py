@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = vm.add_parser("create", help="create a VM")
     create.add_argument("name")
     _vm_options(create)
-    create.add_argument("--disk", help="size of a new disk (20G) or path of an existing image")
+    create.add_argument("--disk", help="size of a new disk (20G), path of an existing image, or none (default: "
+                                       "the ISO's catalog entry's size, else none)")
     create.add_argument("--disk-format", choices=DISK_FORMATS, default="qcow2")
     for verb, text in (("show", "show a VM's settings and state"), ("start", "start a VM"),
                        ("pause", "pause a running VM"), ("resume", "resume a paused VM"),
@@ -105,13 +106,15 @@ def _vm_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     def default(value: Any) -> Any:
         return value if defaults else None
     parser.add_argument("--iso", help="ISO image for the CD-ROM drive")
-    parser.add_argument("--ram", default=default("2G"), help="memory: 2G, 512M or MiB as a number (default 2G)")
+    # No default for RAM, disk, firmware, TPM and OS: a catalog ISO's own defaults apply, else the engine's.
+    parser.add_argument("--ram", help="memory: 2G, 512M or MiB as a number" + (
+        " (default: the ISO's catalog entry's, else 2G)" if defaults else ""))
     parser.add_argument("--cpus", type=int, default=default(2), help="virtual CPUs (default 2)")
-    parser.add_argument("--firmware", choices=FIRMWARES, default=default("uefi"))
-    parser.add_argument("--tpm", choices=TPM_MODES, default=default("auto"))
+    parser.add_argument("--firmware", choices=FIRMWARES)
+    parser.add_argument("--tpm", choices=TPM_MODES)
     parser.add_argument("--forward", action="append", default=None, metavar="tcp:HOSTPORT:GUESTPORT",
                         help="port forward from 127.0.0.1 (repeatable)")
-    parser.add_argument("--os", choices=OS_HINTS, default=default("linux"))
+    parser.add_argument("--os", choices=OS_HINTS)
     parser.add_argument("--machine", choices=MACHINES, default=default("q35"))
     parser.add_argument("--accel", choices=ACCELERATORS, default=default("auto"))
     parser.add_argument("--display", choices=DISPLAYS, default=default("vnc"))

@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shutil
@@ -39,24 +40,31 @@ from thalunix.store import DataFolder, VMEntry
 LOG_KINDS = {"events": "events.log", "qemu": "qemu.log", "serial": "serial.log"}
 #: Files offered as installation media.
 ISO_SUFFIXES = (".iso", ".img")
+#: What ``vm create`` uses for a setting neither the user nor the ISO's catalog entry gives (no disk by default).
+CREATE_DEFAULTS: dict[str, str] = {"ram": "2G", "firmware": "uefi", "tpm": "auto", "os": "linux"}
 
 
 @dataclass
 class CreateOptions:
-    """What ``vm create`` takes: human units, file paths as the user typed them."""
+    """What ``vm create`` takes: human units, file paths as the user typed them.
+
+    ``None`` in ``ram``, ``disk``, ``firmware``, ``tpm`` and ``os`` means "not given": a VM made from an
+    ISO downloaded from the catalog (or added as one of its entries) gets that entry's defaults there,
+    any other VM :data:`CREATE_DEFAULTS`. A value the user gave always wins.
+    """
 
     name: str
     iso: str | None = None
-    ram: str | int = "2G"
+    ram: str | int | None = None
     cpus: int = 2
-    #: a size (``20G``) makes a new disk in the VM folder; a path attaches an existing image
+    #: a size (``20G``) makes a new disk in the VM folder; a path attaches an existing image; "" or "none": no disk
     disk: str | None = None
     disk_format: str = "qcow2"
     disk_bus: str = "virtio"
-    firmware: str = "uefi"
-    tpm: str = "auto"
+    firmware: str | None = None
+    tpm: str | None = None
     forwards: list[str] = field(default_factory=list)
-    os: str = "linux"
+    os: str | None = None
     machine: str = "q35"
     accel: str = "auto"
     display: str = "vnc"
@@ -85,7 +93,9 @@ class Engine:
     def isos(self) -> list[dict[str, Any]]: raise NotImplementedError
     def catalog(self) -> list[dict[str, Any]]: raise NotImplementedError
     def list_isos(self) -> list[dict[str, Any]]: raise NotImplementedError
-    def add_iso(self, path: str, sha256: str | None = None, copy: bool = False) -> dict[str, Any]: raise NotImplementedError
+    def add_iso(self, path: str, sha256: str | None = None, copy: bool = False,
+                catalog_id: str | None = None) -> dict[str, Any]: raise NotImplementedError
+    def list_downloads(self) -> list[dict[str, Any]]: raise NotImplementedError
     def download_iso(self, source: str, sha256: str | None = None) -> str: raise NotImplementedError
     def download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
     def pause_download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
@@ -177,6 +187,7 @@ class DirectEngine(Engine):
 
     def create(self, options: CreateOptions) -> VMConfig:
         """Validate everything first; only then make the disk and register the VM."""
+        options = self._with_iso_defaults(options)
         # Checked even when no disk is made: a wrong choice is an error, not something silently dropped.
         choice(options.disk_format, DISK_FORMATS, "disk_format", "disk format")
         choice(options.disk_bus, DISK_BUSES, "disk_bus", "disk bus")
@@ -336,31 +347,49 @@ class DirectEngine(Engine):
             raise ThalunixError(f"{config.label}: cannot read {path}: {error}") from None
 
     def isos(self) -> list[dict[str, Any]]:
-        """ISO files in the data folder's isos/ plus every ISO a VM uses, with the VMs using it."""
+        """Every ISO a front offers: the download library's listing with statuses (ready, missing, downloading,
+        verifying, quarantined) plus the ISOs VMs use from elsewhere, each with the VMs using it.
+
+        ``exists`` is true only for a usable file (status ``ready``); ``path`` is the stored path of a
+        file (``None`` for a download in progress or in quarantine); ``defaults`` are the settings of the
+        catalog entry the ISO came from, for a new VM.
+        """
+        catalog = self.downloads.catalog
         found: dict[str, dict[str, Any]] = {}
+        others: list[dict[str, Any]] = []
+        for row in self.list_isos():
+            usable = row["status"] in ("ready", "missing")
+            item = {**row, "path": row.get("file") if usable else None, "exists": row["status"] == "ready",
+                    "used_by": []}
+            entry = catalog.entries.get(str(row.get("catalog_id") or ""))
+            if entry is not None:
+                item["defaults"] = dict(entry.defaults)
+                item["catalog_name"] = entry.name
+            if usable and row.get("full_path"):
+                found[os.path.realpath(row["full_path"])] = item
+            else:
+                others.append(item)
 
         def add(stored: str) -> dict[str, Any]:
-            if stored not in found:
-                path = self.data.resolve(stored)
+            path = self.data.resolve(stored)
+            key = os.path.realpath(path)
+            if key not in found:
                 try:
                     size: int | None = path.stat().st_size
                 except OSError:
                     size = None
-                found[stored] = {"path": stored, "name": path.name, "full_path": str(path), "size": size,
-                                 "exists": size is not None, "used_by": []}
-            return found[stored]
+                found[key] = {"path": stored, "name": path.name, "full_path": str(path), "size": size,
+                              "exists": size is not None, "status": "ready" if size is not None else "missing",
+                              "trust": None, "used_by": []}
+            return found[key]
 
-        with contextlib.suppress(OSError):
-            for item in sorted(self.data.isos_dir.iterdir()):
-                if item.is_file() and item.suffix.lower() in ISO_SUFFIXES:
-                    add(self.data.to_stored_path(item))
         for entry in self.data.list_vms():
             for cdrom in entry.config.cdroms if entry.config else []:
                 if cdrom.path:
                     users = add(cdrom.path)["used_by"]
                     if entry.config.name not in users:
                         users.append(entry.config.name)
-        return sorted(found.values(), key=lambda iso: str(iso["name"]).lower())
+        return sorted([*found.values(), *others], key=lambda iso: str(iso["name"]).lower())
 
     # -- the download center (the work is in thalunix/downloads) -----------------------------------------
     # Each verb maps to one REST route; jobs report as job.progress events (kind "download") on self.bus.
@@ -400,10 +429,21 @@ class DirectEngine(Engine):
         from thalunix.downloads import IsoLibrary
         return IsoLibrary(self.data).list(self.downloads)
 
-    def add_iso(self, path: str, sha256: str | None = None, copy: bool = False) -> dict[str, Any]:
-        """Register a local ISO (hashed; refused if ``sha256`` is given and differs)."""
+    def add_iso(self, path: str, sha256: str | None = None, copy: bool = False,
+                catalog_id: str | None = None) -> dict[str, Any]:
+        """Register a local ISO (hashed; refused if ``sha256`` is given and differs), optionally as a catalog entry."""
         from thalunix.downloads import IsoLibrary
-        return IsoLibrary(self.data).add(path, sha256=sha256, copy=copy)
+        if catalog_id is not None:
+            entry = self.downloads.catalog.entries.get(catalog_id.strip().lower())
+            if entry is None:
+                raise ValidationError(f"there is no catalog entry {catalog_id!r}; leave it out or pick one the catalog "
+                                      "lists", "catalog_id")
+            catalog_id = entry.id
+        return IsoLibrary(self.data).add(path, sha256=sha256, copy=copy, catalog_id=catalog_id)
+
+    def list_downloads(self) -> list[dict[str, Any]]:
+        """The downloads this process knows (running, paused, finished), oldest first."""
+        return list(self.downloads.list())
 
     def download_iso(self, source: str, sha256: str | None = None) -> str:
         """Queue a download of a catalog id or URL; the job id. The same source resumes its partial file."""
@@ -420,6 +460,39 @@ class DirectEngine(Engine):
 
     def cancel_download(self, job_id: str) -> dict[str, Any]:
         return dict(self.downloads.cancel(job_id).to_dict())
+
+    def _with_iso_defaults(self, options: CreateOptions) -> CreateOptions:
+        """``options`` with what the user left out filled from the ISO's catalog entry, else CREATE_DEFAULTS."""
+        filled = dataclasses.replace(options)
+        defaults = self._iso_defaults(options.iso) if options.iso else {}
+        for key, fallback in CREATE_DEFAULTS.items():
+            if getattr(filled, key) is None:
+                setattr(filled, key, defaults.get(key, fallback))
+        if filled.disk is None and defaults.get("disk"):
+            filled.disk = str(defaults["disk"])
+        if filled.disk is not None and filled.disk.strip().lower() in ("", "none"):
+            filled.disk = None
+        return filled
+
+    def _iso_defaults(self, iso: str) -> dict[str, Any]:
+        """The new-VM defaults of the catalog entry an ISO came from (by its sidecar); {} for any other file."""
+        from thalunix.downloads import IsoLibrary
+        path = Path(iso).expanduser()
+        if not path.is_file():
+            try:
+                path = IsoLibrary(self.data).find_ready(iso)
+            except ThalunixError:
+                return {}   # create() reports the missing ISO with its field
+        wanted = os.path.realpath(path)
+        for row in IsoLibrary(self.data).ready():
+            if os.path.realpath(row["full_path"]) != wanted:
+                continue
+            catalog_id = row.get("catalog_id")
+            entry = self.downloads.catalog.entries.get(str(catalog_id)) if catalog_id else None
+            # The catalog in use now (it may have been refreshed), else what the entry said at download time.
+            defaults = entry.defaults if entry is not None else row.get("defaults")
+            return dict(defaults) if isinstance(defaults, dict) else {}
+        return {}
 
     def _ready_iso(self, name: str) -> Path:
         from thalunix.downloads import IsoLibrary

@@ -61,6 +61,9 @@ def _document() -> dict[str, Any]:
     create["disk"] = {"type": "string", "pattern": "^([1-9]M)?$", "nullable": True}
     create["cpus"]["maximum"] = 2
     create["forwards"]["items"]["pattern"] = "^tcp:[1-9][0-9]{3}:[1-9][0-9]?$"
+    # Downloads stay on this machine: a manual entry, unknown ids, or a URL on 127.0.0.1 where nothing listens.
+    schemas["DownloadRequest"]["properties"]["source"]["pattern"] = (
+        r"^(windows-11|no-such-[a-z]{1,6}|http://127\.0\.0\.1:9/[a-z]{1,6}\.iso)$")
     return document
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def test_unexpected_errors_are_a_generic_json_500(api: Api, engine: DirectEngine
 def test_every_route_is_in_the_openapi_document(api: Api) -> None:
     document = api.get("/api/openapi.json").json()
     assert document == json.loads(json.dumps(openapi_document()))
-    routes = {(route.method.lower(), route.rule.replace("<name>", "{name}")) for route in api.server.app.routes
+    routes = {(route.method.lower(), re.sub(r"<(\w+)>", r"{\1}", route.rule)) for route in api.server.app.routes
               if route.rule.startswith("/api/")}
     documented = {(method, path) for path, item in document["paths"].items() for method in item
                   if method != "parameters"}

@@ -334,10 +334,8 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
         return {"kind": kind, "text": engine.read_log(name, kind, tail)}
 
     # -- the rest ---------------------------------------------------------------------------------------
-    @app.get("/api/isos")
-    @api
-    def isos() -> Any:
-        return engine.isos()
+    from thalunix.api import downloads   # catalog, ISOs, downloads (it imports this module's helpers)
+    downloads.add_routes(app, engine)
 
     @app.get("/api/doctor")
     @api

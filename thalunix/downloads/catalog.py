@@ -73,6 +73,8 @@ class CatalogEntry:
     page: str = ""
     instructions: str = ""
     notes: str = ""
+    #: the image's approximate download size in bytes, for the catalog page (0: unknown); never checked
+    size: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CatalogEntry":
@@ -90,6 +92,8 @@ class CatalogEntry:
         where = f"catalog entry {self.id!r}"
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", self.id):
             raise ValidationError(f"{where}: the id must be lower-case letters, digits, '.' and '-'", "catalog")
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
+            raise ValidationError(f"{where}: size must be a whole number of bytes", "catalog")
         if self.kind == "manual":
             if not self.page:
                 raise ValidationError(f"{where}: a manual entry needs the publisher's page", "catalog")
@@ -132,7 +136,7 @@ class CatalogEntry:
         return {"id": self.id, "name": self.name, "family": self.family, "version": self.version, "arch": self.arch,
                 "kind": self.kind, "trust": self.trust, "fingerprints": list(self.fingerprints),
                 "defaults": dict(self.defaults), "page": self.page, "instructions": self.instructions,
-                "notes": self.notes}
+                "notes": self.notes, "size": self.size}
 
     def base(self, mirror: str | None = None) -> str:
         url = (mirror or self.base_url).replace("{version}", self.version)
@@ -390,7 +394,8 @@ def apply_user_hash(source: ResolvedSource, user_hash: str) -> ResolvedSource:
     wanted = normalise_hex(user_hash, "--sha256")
     if source.expected and source.expected != wanted:
         raise VerificationError(f"the SHA-256 you gave for {source.filename} ({wanted}) differs from the "
-                                f"publisher's ({source.expected}); check which one is right before downloading")
+                                f"publisher's ({source.expected}); check which one is right before downloading",
+                                "sha256")
     if source.expected is None:
         source.algorithm, source.expected = algorithm_of(wanted), wanted
         if source.trust != "signed":
@@ -410,7 +415,7 @@ def resolve_url(url: str, user_hash: str | None, mirrors: list[str] | None = Non
         raise ValidationError(f"{url!r} does not name a file", "source")
     if not user_hash:
         raise VerificationError(f"{url} comes with no checksum Thalunix can trust; give the SHA-256 published "
-                                f"for {name}: thalunix iso download URL --sha256 HEX")
+                                f"for {name}: thalunix iso download URL --sha256 HEX", "sha256")
     source = ResolvedSource(None, name, [url] + list(mirrors or []))
     return apply_user_hash(source, user_hash)
 

@@ -140,8 +140,13 @@ class IsoLibrary:
         return max(matches, key=lambda p: p.stat().st_mtime)
 
     # -- writing --------------------------------------------------------------------------------------------
-    def add(self, path: str | os.PathLike[str], sha256: str | None = None, copy: bool = False) -> dict[str, Any]:
-        """Register a local ISO (hashing it); refused when ``sha256`` is given and differs."""
+    def add(self, path: str | os.PathLike[str], sha256: str | None = None, copy: bool = False,
+            catalog_id: str | None = None) -> dict[str, Any]:
+        """Register a local ISO (hashing it); refused when ``sha256`` is given and differs.
+
+        ``catalog_id`` says which catalog entry the file is (e.g. a Windows ISO fetched by hand from
+        Microsoft's page), so a VM made from it gets that entry's defaults.
+        """
         source = Path(path).expanduser().absolute()
         if not source.is_file():
             raise ValidationError(f"{source} is not a file; check the path", "path")
@@ -150,9 +155,10 @@ class IsoLibrary:
         actual = hash_file(source, algorithm)
         if wanted and actual != wanted:
             raise VerificationError(f"{source} does not match the {algorithm.upper()} you gave: it is {actual}, "
-                                    f"expected {wanted}; the file is damaged or another version. Nothing was added")
+                                    f"expected {wanted}; the file is damaged or another version. Nothing was added",
+                                    "sha256")
         sha = actual if algorithm == "sha256" else hash_file(source)
-        record = {"name": source.name, "source": str(source), "catalog_id": None,
+        record = {"name": source.name, "source": str(source), "catalog_id": catalog_id,
                   "trust": "user hash" if wanted else "local", "signer": None, "algorithm": algorithm,
                   "digest": actual, "added": _now(), "verified": ["checksum"] if wanted else []}
         inside = self.data.isos_dir.absolute() in source.parents

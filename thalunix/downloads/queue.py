@@ -179,7 +179,8 @@ class DownloadManager:
                     "download the image by URL with the SHA-256 from a source you trust (--sha256 HEX)")
             if entry.trust == "no checksum" and not user_hash:
                 raise VerificationError(f"{entry.name}: the publisher offers no checksum, so Thalunix will not "
-                                        "download it unchecked; give the SHA-256 from a source you trust: --sha256 HEX")
+                                        "download it unchecked; give the SHA-256 from a source you trust: --sha256 HEX",
+                                        "sha256")
         else:
             resolve_url(source, user_hash)     # validates the URL and that a hash was given
         job_id = job_id_for(source)
@@ -339,6 +340,8 @@ class DownloadManager:
         try:
             self._run_locked(job)
         except Paused:
+            with contextlib.suppress(OSError):
+                job.bytes = self._part(job.id).stat().st_size   # progress reports lag; show what a resume keeps
             self._set(job, "paused", "paused; resume continues from the bytes on disk")
             self._write_sidecar(job)
         except Cancelled:

@@ -47,13 +47,18 @@ class VerificationError(ThalunixError):
     code = "verification-failed"
     http_status = 422
 
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        #: "sha256" when the hash the user typed is at fault (missing, malformed, different), for forms
+        self.field = field
+
 
 def normalise_hex(value: str, what: str = "checksum") -> str:
     """A user-typed hash, lower-case, checked to be SHA-256 (64 hex digits) or SHA-512 (128)."""
     text = value.strip().lower()
     if len(text) not in ALGORITHM_BY_LENGTH or not all(c in "0123456789abcdef" for c in text):
         raise VerificationError(f"{what} {value!r} is not a SHA-256 (64 hex digits) or SHA-512 (128) hash; "
-                                "copy it again from the publisher's page")
+                                "copy it again from the publisher's page", "sha256")
     return text
 
 
