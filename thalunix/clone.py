@@ -91,7 +91,6 @@ def clone_vm(engine: "DirectEngine", source: VMConfig, name: str, linked: bool =
     source = disks.reload(engine, source)
     clone_precheck(engine, source, name, tpm)
     clone = new_identity(source, name)
-    img = disks.qemu_img(engine)
     with WorkFolder(engine.data, f"clone-{clone.id[:8]}") as work:
         staging = work / "vm"
         (staging / "disks").mkdir(parents=True)

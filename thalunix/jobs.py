@@ -48,6 +48,8 @@ WORK_PREFIX = "work-"
 KEEP_FINISHED = 100
 #: Progress events are sent at most this often (a convert reports hundreds of steps).
 PUBLISH_INTERVAL = 0.2
+#: … unless it moved on by this many percent: a fast job still shows its way from 0 to 100.
+PUBLISH_STEP = 5.0
 
 
 class CancelledError(ThalunixError):
@@ -85,6 +87,7 @@ class Job:
         self._processes: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._last_publish = 0.0
+        self._last_percent = 0.0
         #: Scale of the current step: progress of a step maps into [base, base + span] of the whole.
         self._base, self._span = 0.0, 100.0
 
@@ -96,8 +99,9 @@ class Job:
         if message is not None:
             self.message = message
         now = time.monotonic()
-        if force or message is not None or now - self._last_publish >= PUBLISH_INTERVAL:
-            self._last_publish = now
+        if force or message is not None or now - self._last_publish >= PUBLISH_INTERVAL \
+                or self.percent - self._last_percent >= PUBLISH_STEP:
+            self._last_publish, self._last_percent = now, self.percent
             self.publish()
 
     @contextlib.contextmanager

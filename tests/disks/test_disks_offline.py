@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from disks.conftest import make_data_disk, sha256
-from thalunix import archive
 from thalunix.engine import CreateOptions, DirectEngine
-from thalunix.errors import ConflictError, NotFoundError, ThalunixError, ValidationError
+from thalunix.errors import NotFoundError, ThalunixError, ValidationError
 from thalunix.snapshots import SnapshotUnsupportedError
 
 
@@ -135,21 +134,18 @@ def test_convert_reports_progress_and_cancel_leaves_the_disk_as_it_was(engine: D
             seen.append(event)
     assert job["state"] == "done", job
     percents = [e["percent"] for e in seen if e["job"] == job["id"] and e["state"] == "running"]
-    assert [p for p in percents if 0 < p < 100], percents
+    assert len([p for p in percents if 0 < p < 100]) >= 5, percents   # at least every 5 %, however fast
     assert seen[-1]["state"] == "done" and seen[-1]["percent"] == 100
     converted = image(engine, "conv")
     assert converted.suffix == ".qcow2" and not disk.exists()
-    assert subprocess.run(["qemu-img", "compare", "-q", str(converted), str(tmp_path / "missing")]).returncode != 0
-    # Back to raw, cancelled part-way: nothing changes.
+    back = tmp_path / "back.raw"   # the guest sees the same bytes as before the convert
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(converted), str(back)], check=True)
+    assert sha256(back) == before
+    back.unlink()
+    # Back to raw, cancelled as soon as it starts (qemu-img is killed, or never runs): nothing changes.
     qcow_hash = sha256(converted)
-    with engine.bus.subscribe(accept=lambda e: e["type"] == "job.progress") as events:
-        job = engine.disk_convert("conv", "disk0", "raw")
-        while True:
-            event = events.get(timeout=60)
-            assert event is not None
-            if event["job"] == job["id"] and 0 < event["percent"] < 100:
-                engine.job_cancel(job["id"])
-                break
+    job = engine.disk_convert("conv", "disk0", "raw")
+    engine.job_cancel(job["id"])
     finished = engine.jobs.wait(job["id"], 60)
     assert finished["state"] == "cancelled", finished
     assert image(engine, "conv") == converted and sha256(converted) == qcow_hash
