@@ -191,3 +191,17 @@ def test_on_mode_without_any_backend_leaves_nothing(engine: DirectEngine, make_v
         engine.data.vm_path(config.id, "logs", "events.log").read_text()
     engine.stop("auto-off", force=True)
     assert owned_processes(data_dir) == [] or wait_no_processes(data_dir) == []
+
+
+def test_state_disk_in_use_by_another_helper(helper_image: Path, tmp_path: Path) -> None:
+    image = HelperImage.load(helper_image)
+    qemu = Path(shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
+    first = HelperVM(qemu, image, tmp_path / "state.img")
+    first.start()
+    try:
+        second = HelperVM(qemu, image, tmp_path / "state.img")
+        with pytest.raises(TpmError, match=r"state disk .*state.img is in use by another helper"):
+            second.start()
+        assert not second.running
+    finally:
+        assert first.stop()

@@ -42,7 +42,7 @@ STATE_DISK_BYTES = 4 << 20
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 HOST = "127.0.0.1"
-_HOSTFWD_FAILED = re.compile(r"Could not set up host forwarding rule|hostfwd", re.IGNORECASE)
+_HOSTFWD_FAILED = re.compile(r"Could not set up host forwarding rule")
 _verified: dict[tuple[str, int, int], str] = {}
 
 
@@ -327,7 +327,7 @@ class HelperVM:
         if _HOSTFWD_FAILED.search(text):
             return PortInUseError(f"{self.name}: QEMU could not listen on {HOST}:{self.data_port}/{self.ctrl_port} "
                                   "(port in use?); choose other ports or stop the program using them")
-        if "lock" in text and "state" in text:
+        if 'Failed to get "write" lock' in text:
             return TpmError(f"{self.name}: the TPM state disk {self.state_disk} is in use by another helper; stop "
                             "the VM using it first")
         last = [line for line in self.lines if "qemu" in line.lower()] or list(self.lines)

@@ -367,7 +367,8 @@ class TpmManager:
 def helper_host_command(spec: dict[str, Any]) -> list[str]:
     """How to run :mod:`thalunix.tpm.host` from this Thalunix (a source checkout or a frozen build)."""
     if getattr(sys, "frozen", False):
-        # The one-file build dispatches this hidden argument to thalunix.tpm.host (see thalunix.spec).
+        # A frozen build has no `-m`: its entry point must hand this hidden argument to thalunix.tpm.host.main
+        # (to be wired with the one-file build).
         return [sys.executable, "--tpm-helper-host", json.dumps(spec)]
     return [sys.executable, "-m", "thalunix.tpm.host", json.dumps(spec)]
 
