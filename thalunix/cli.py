@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    commands.add_parser("doctor", parents=[common], help="report QEMU, accelerators, firmware and the data folder")
+    doctor = commands.add_parser("doctor", parents=[common],
+                                 help="report QEMU, accelerators, firmware and the data folder")
+    doctor.add_argument("--licences", "--licenses", action="store_true",
+                        help="where the licences and sources of the bundled binaries are")
     serve = commands.add_parser("serve", help="serve the interface and API on 127.0.0.1 without a window; "
                                               "prints the link to open")
     serve.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
@@ -136,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine: DirectEngine | None = None
     try:
         engine = DirectEngine.open(args.data_dir)
+        from thalunix.bundle import prepare
+        prepare(engine.data)   # the portable exe: temp files in the data folder, its runtime unpacked once
         return _dispatch(engine, args)
     except ThalunixError as error:
         if args.json:
@@ -158,6 +163,10 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
         return _serve(engine, port=args.port, stop_vms=args.stop_vms_on_exit)
     if args.command == "doctor":
         from thalunix.doctor import diagnose, render
+        if args.licences:
+            from thalunix.bundle import licence_report, manifest
+            _print(args, manifest() or {}, licence_report())
+            return 0
         report = diagnose(engine)
         _print(args, report, render(report))
         return 0

@@ -29,6 +29,7 @@ def diagnose(engine: DirectEngine) -> dict[str, Any]:
     usage = shutil.disk_usage(data.root)
     report["data_folder"] = {"path": str(data.root), "free": usage.free, "free_human": format_size(usage.free),
                              "writable": os.access(data.root, os.W_OK), "vms": len(data.list_vms())}
+    report["bundle"] = bundle_report()
     try:
         runtime = engine.runtime()
     except ThalunixError as error:
@@ -47,6 +48,21 @@ def diagnose(engine: DirectEngine) -> dict[str, Any]:
         report["accelerator"] = {"chosen": None, "summary": str(error), "verdicts": []}
     report["tpm"] = tpm_report(engine, runtime)
     return report
+
+
+def bundle_report() -> dict[str, Any] | None:
+    """The portable exe's unpacked runtime: where, what it was built from, where its licences are."""
+    from thalunix.bundle import manifest, prepared_root
+    root = prepared_root()
+    info = manifest(root)
+    if root is None or info is None:
+        return None
+    return {"path": str(root), "target": info.get("target"), "built_at": info.get("built_at"),
+            "key": info.get("bundle_key"), "files": len(info.get("files", {})),
+            "packages": {p["package"]: p["version"] for p in info.get("packages", [])},
+            "wheels": {w["name"]: w["version"] for w in info.get("wheels", [])},
+            "requires": info.get("requires", {}), "helper_vm": "skipped" not in (info.get("helper_vm") or {}),
+            "licences": str(root / "licences"), "manifest": str(root / "manifest.json")}
 
 
 def tpm_report(engine: DirectEngine, runtime: Any) -> dict[str, Any]:
@@ -74,6 +90,13 @@ def render(report: dict[str, Any]) -> str:
     folder = report["data_folder"]
     lines.append(f"Data folder: {folder['path']}  ({folder['free_human']} free, "
                  f"{'writable' if folder['writable'] else 'NOT WRITABLE'}, {folder['vms']} VMs)")
+    bundle = report.get("bundle")
+    if bundle:
+        lines.append(f"Bundled runtime: {bundle['path']} ({bundle['target']}, built {bundle['built_at']}, "
+                     f"{bundle['files']} files from {len(bundle['packages'])} Debian packages"
+                     f"{', ' + ', '.join(f'{k} {v}' for k, v in bundle['wheels'].items()) if bundle['wheels'] else ''})")
+        lines.append(f"  manifest: {bundle['manifest']}   licences: {bundle['licences']} "
+                     "(thalunix doctor --licences)")
     qemu = report["qemu"]
     if not qemu.get("found"):
         lines.append(f"QEMU: not found. {qemu['error']}")

@@ -49,11 +49,22 @@ def platform_tag() -> str:
     return f"{host_os()}-{machine}"
 
 
+#: Runtimes the portable exe unpacked at start-up (:mod:`thalunix.bundle`), searched right after $THALUNIX_RUNTIME.
+_unpacked_roots: list[Path] = []
+
+
+def add_bundled_root(root: Path) -> None:
+    """Search ``root`` (a runtime unpacked into the data folder) before any other bundled or system runtime."""
+    if root not in _unpacked_roots:
+        _unpacked_roots.insert(0, root)
+
+
 def bundled_roots() -> list[Path]:
     """Where a bundled runtime may be, most specific first."""
     roots = []
     if os.environ.get(ENV_RUNTIME):
         roots.append(Path(os.environ[ENV_RUNTIME]))
+    roots += _unpacked_roots
     meipass = getattr(sys, "_MEIPASS", None)
     if meipass:
         roots.append(Path(meipass) / "bundled" / platform_tag())

@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import os
 import threading
 import time
 import types
@@ -38,7 +39,8 @@ BODY_MAX = 1 << 20
 CONSOLE_TAIL_DEFAULT = 64 * 1024
 HEARTBEAT_SECONDS = 15.0
 #: Where the UI lives in a checkout (a frozen build passes its own folder).
-DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent.parent / "web"
+# $THALUNIX_WEB: the portable exe serves the copy in its unpacked runtime (set by thalunix.bundle.prepare).
+DEFAULT_WEB_ROOT = Path(os.environ.get("THALUNIX_WEB") or Path(__file__).resolve().parent.parent.parent / "web")
 
 PLACEHOLDER_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Thalunix</title>
