@@ -203,6 +203,8 @@ class Firmware:
     vars: Path | None = None
     secure_code: Path | None = None
     secure_vars: Path | None = None
+    #: The folders searched, joined by os.pathsep (error messages and the doctor say where to put the files).
+    searched: str = ""
 
 
 _OVMF_NAMES = {
@@ -227,7 +229,7 @@ def find_firmware(dirs: list[Path]) -> Firmware:
     for code_role, vars_role in (("code", "vars"), ("secure_code", "secure_vars")):
         if code_role in found and vars_role in found and found[code_role].parent != found[vars_role].parent:
             found.pop(vars_role)
-    return Firmware(**found)
+    return Firmware(**found, searched=os.pathsep.join(str(folder) for folder in dirs))
 
 
 @dataclass

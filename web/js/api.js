@@ -53,6 +53,11 @@ export const typeConsole = (id, data) => call('POST', vmPath(id, '/console'), { 
 export const vncInfo = (id) => call('GET', vmPath(id, '/vnc'));
 export const readLog = (id, kind) => call('GET', vmPath(id, `/log?kind=${encodeURIComponent(kind)}&tail=262144`));
 export const listIsos = () => call('GET', '/api/isos');
+export const addIso = (body) => call('POST', '/api/isos', body);
+export const catalog = () => call('GET', '/api/catalog');
+export const listDownloads = () => call('GET', '/api/downloads');
+export const startDownload = (source, sha256 = null) => call('POST', '/api/downloads', { source, sha256 });
+export const downloadAction = (id, verb) => call('POST', `/api/downloads/${encodeURIComponent(id)}/${verb}`);
 export const screenshotUrl = (id) => vmPath(id, `/screenshot?at=${Date.now()}`);
 
 /**

@@ -12,6 +12,7 @@
  */
 import * as api from './api.js';
 import { renderVmForm } from './form.js';
+import * as downloads from './downloads.js';
 import { LogPanel } from './logs.js';
 import { VncScreen } from './screen.js';
 import { SerialTerminal } from './terminal.js';
@@ -44,6 +45,7 @@ let loaded = false;
 let current = null;             // the open VM view: { id, detail, tab, terminal, screen, logs, … }
 let openForm = null;            // the create/edit form on screen, for dropped files
 let pendingPath = null;         // a dropped file waiting for the create form
+let pendingPreset = null;       // an ISO and its catalog defaults waiting for the create form (ISOs page)
 let editingId = null;           // the VM whose settings form is open, marked in the list
 
 const main = document.getElementById('main');
@@ -160,7 +162,8 @@ function setConnection(state, text) {
 }
 
 api.events({
-  ready: () => { setConnection('live', 'Live'); loadList(); },
+  ready: () => { setConnection('live', 'Live'); loadList(); downloads.onReconnect(); },
+  'job.progress': (event) => downloads.onProgress(event),
   down: () => setConnection('down', 'Reconnecting…'),
   'vm.state': (event) => {
     const vm = vms.get(event.vm);
@@ -192,7 +195,7 @@ function go(hash) {
 /** Whether the view drawn for `hash` still fits the list (its VM still exists, the empty state is still empty). */
 function stillValid(hash) {
   const [, page, id] = hash.split('/');
-  if (page === 'new') return true;
+  if (page === 'new' || page === 'downloads') return true;
   if (page === 'vm') return vms.has(id);
   return vms.size === 0;
 }
@@ -204,6 +207,10 @@ function route(force = false) {
   if (!force && hash === routed && stillValid(hash)) return;
   routed = hash;
   const [, page, id, tab] = hash.split('/');
+  downloads.hideDownloads();
+  if (page === 'downloads') document.getElementById('nav-downloads')?.setAttribute('aria-current', 'page');
+  else document.getElementById('nav-downloads')?.removeAttribute('aria-current');
+  if (page === 'downloads') { closeVm(); openForm = null; downloads.showDownloads(main); return; }
   if (page === 'new') { closeVm(); showForm(null); return; }
   if (page === 'vm' && vms.has(id)) {
     if (tab === 'edit') { showEdit(id); return; }
@@ -231,9 +238,11 @@ function showEmpty() {
 function showForm(vm) {
   editingId = vm?.id || null;
   renderList();
-  const initialPath = pendingPath;
+  const preset = vm ? null : pendingPreset;
+  const initialPath = preset ? preset.iso : pendingPath;
   pendingPath = null;
-  const back = () => { openForm = null; go(vm ? `#/vm/${vm.id}/details` : '#/'); };
+  pendingPreset = null;
+  const back = () => { openForm = null; go(vm ? `#/vm/${vm.id}/details` : preset ? '#/downloads' : '#/'); };
   openForm = renderVmForm(main, {
     vm, initialPath, onCancel: back,
     onDone: (saved) => {
@@ -246,6 +255,7 @@ function showForm(vm) {
       go(`#/vm/${saved.id}/details`);
     },
   });
+  if (preset) downloads.applyPreset(openForm.element, preset);
 }
 
 async function showEdit(id) {
@@ -542,6 +552,10 @@ function renderDetails() {
 function usePaths(paths) {
   const path = paths.find(Boolean);
   if (!path) return;
+  if (!openForm && downloads.usePath(path)) {
+    toast(`Using ${path}; press Add ISO to check and add it`, 'ok');
+    return;
+  }
   if (openForm) {
     const where = openForm.usePath(path);
     toast(`Using ${path} as the ${where === 'disk' ? 'disk image' : 'ISO'}`, 'ok');
@@ -590,4 +604,6 @@ window.addEventListener('pywebviewready', markBridge);
 markBridge();
 initTheme(document.getElementById('theme'));
 document.getElementById('new-vm').addEventListener('click', () => { closeVm(); go('#/new'); });
+downloads.initDownloads({ nav: document.getElementById('nav-downloads'),
+                          onCreateVm: (preset) => { pendingPreset = preset; go('#/new'); } });
 renderList();
