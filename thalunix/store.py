@@ -11,6 +11,7 @@ letter or mount point. Layout::
       vms/<vm-id>/tpm/           TPM state
       vms/<vm-id>/logs/          qemu.log (QEMU's stderr), serial.log, events.log
       vms/<vm-id>/run/           QMP and serial sockets, state.json, lock (while running)
+      hosts.json                 libvirt hosts (name, URI) listed beside the local VMs
       isos/  downloads/  cache/  runtime/  tmp/  logs/
 
 Writes are atomic (temp file, fsync, rename); a VM is driven by one Thalunix
@@ -247,6 +248,11 @@ class DataFolder:
     def catalog_file(self) -> Path:
         """A refreshed ISO catalog (its signature beside it as ``catalog.json.sig``)."""
         return self.cache_dir / "catalog.json"
+
+    @property
+    def hosts_file(self) -> Path:
+        """The libvirt hosts Thalunix manages besides this folder (:mod:`thalunix.libvirt.hosts` keeps it)."""
+        return self.root / "hosts.json"
 
     def vm_dir(self, vm_id: str) -> Path:
         if not vm_id or not all(c in "0123456789abcdef" for c in vm_id):
