@@ -7,7 +7,6 @@ import json
 import shutil
 import socket
 import stat
-import struct
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from thalunix.engine import DirectEngine
 from thalunix.tpm import HelperImageError, PortInUseError, TpmError, TpmUnavailableError
 from thalunix.tpm import helper as helper_module
 from thalunix.tpm.helper import HelperImage, HelperVM
-
 from tpm.support import owned_processes, wait_no_processes
 
 pytestmark = pytest.mark.qemu

@@ -13,7 +13,6 @@ import pytest
 from thalunix.engine import DirectEngine
 from thalunix.runtime import Capabilities
 from thalunix.tpm import TpmUnavailableError
-
 from tpm.support import boot_to_prompt, guest_run, pcr0, wait_no_processes, wait_serial_after
 
 pytestmark = pytest.mark.qemu

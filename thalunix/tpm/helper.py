@@ -22,7 +22,6 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import os
 import re
 import signal
 import socket
@@ -142,10 +141,17 @@ def host_tsc_khz() -> int:
     return int(float(match.group(1)) * 1000) if match else 0
 
 
+try:
+    # Looked up now, in the parent: between fork and exec the child must not load anything.
+    _prctl = ctypes.CDLL(None).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when the process that started the helper dies, so no helper is orphaned."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 class HelperVM:
@@ -257,7 +263,7 @@ class HelperVM:
         try:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, close_fds=True,
-                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                         preexec_fn=_die_with_parent if _prctl is not None else None)
         except OSError as error:
             raise TpmError(f"{self.name}: cannot run {self.qemu}: {error}") from None
         self._reader = threading.Thread(target=self._read_console, name="tpm-helper-console", daemon=True)

@@ -200,8 +200,9 @@ class TpmManager:
                     process.kill(proc.pid)
                     proc.wait(5)
                 tail = _tail(log_path)
-                raise TpmError(f"{config.label}: swtpm {'exited (code %s)' % code if code is not None else 'did not start'}"
-                               f" before creating its control socket: {tail or 'no output'}; see {log_path}")
+                what = f"exited (code {code})" if code is not None else "did not start"
+                raise TpmError(f"{config.label}: swtpm {what} before creating its control socket: "
+                               f"{tail or 'no output'}; see {log_path}")
             time.sleep(0.01)
         self._log(config, f"TPM: native swtpm pid {proc.pid}, state in {state_dir}")
         return TpmLease("native", SOCKET_NAME, proc.pid, process.start_token(proc.pid), _now(),
