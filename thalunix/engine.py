@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from thalunix import win11
 from thalunix.errors import ConflictError, ThalunixError, ValidationError
 from thalunix.events import EventBus
 from thalunix.jobs import JobManager
@@ -69,6 +70,9 @@ class CreateOptions:
     accel: str = "auto"
     display: str = "vnc"
     boot: list[str] | None = None
+    #: Attach the "Windows 11 setup" answer-file drive (thalunix.win11); None: on for a Windows 11 VM that
+    #: will get no TPM (the host has no TPM emulation, or tpm is off).
+    win11_setup: bool | None = None
 
 
 class Engine:
@@ -222,12 +226,19 @@ class DirectEngine(Engine):
         config.set_defaults()
         for disk in config.disks:
             disk.path = disk.path.replace("{id}", config.id)
+        answer_drive = self._wants_win11_setup(options, config)
+        if answer_drive:
+            config.cdroms.append(win11.answer_cdrom(config, self.data))
+            config.set_defaults()
         validate(config, self.host, file_exists=lambda p: p.startswith(f"vms/{config.id}/") or self.data.exists(p))
         created = self.data.create_vm(config)
-        if new_disk_size:
+        if new_disk_size or answer_drive:
             try:
-                QemuImg(self.runtime().require_qemu_img()).create(self.data.resolve(config.disks[0].path),
-                                                                   new_disk_size, options.disk_format)
+                if new_disk_size:
+                    QemuImg(self.runtime().require_qemu_img()).create(self.data.resolve(config.disks[0].path),
+                                                                       new_disk_size, options.disk_format)
+                if answer_drive:
+                    win11.write_answer_image(self.data.vm_path(created.id, win11.IMAGE_NAME))
             except BaseException:
                 self.data.delete_vm(created.id)   # no VM without its disk
                 raise
@@ -278,6 +289,10 @@ class DirectEngine(Engine):
         busy = self.jobs.busy(config)
         if busy:   # the VM's lock is ours already (re-entrant): only this says its images are being rewritten
             raise ConflictError(f"{config.label} is busy with {busy.title} (job {busy.id}); wait for it to finish")
+        if win11.has_answer_image(config):
+            config, moved = win11.ensure_answer_image(config, self.data)   # written again if missing
+            if moved:
+                self.data.save_vm(config)
         return self.supervisor.start(config)
 
     def stop(self, name: str, force: bool = False, timeout: float = 60) -> dict[str, Any]:
@@ -460,6 +475,42 @@ class DirectEngine(Engine):
 
     def cancel_download(self, job_id: str) -> dict[str, Any]:
         return dict(self.downloads.cancel(job_id).to_dict())
+
+    # -- firmware and the Windows 11 setup drive (the work is in thalunix/firmware.py and thalunix/win11.py) -----
+    def firmware(self, name: str) -> dict[str, Any]:
+        """The VM's firmware kind and its UEFI variable store (path, size, when last written)."""
+        from thalunix import firmware
+        return firmware.firmware_info(self.get(name), self.data)
+
+    def firmware_reset(self, name: str) -> dict[str, Any]:
+        """Forget the VM's UEFI settings (boot entries, enrolled keys); refused while it runs."""
+        from thalunix import disks, firmware
+        config = self.get(name)
+        if disks.is_running(self, config):
+            raise ConflictError(f"{config.label} is running; shut it down before resetting its firmware settings")
+        with disks.exclusive(self, config):   # no other Thalunix starts it meanwhile
+            result = firmware.reset_firmware(config, self.data)
+        self.supervisor.vm_log(config, f"firmware settings reset ({result['note']})")
+        self.bus.publish("vm.config", vm=config.id, name=config.name, change="firmware-reset")
+        return result
+
+    def win11_setup_info(self) -> dict[str, Any]:
+        """What the create form says about the Windows 11 setup option on this host, and its default."""
+        try:
+            caps = self.runtime().caps
+            emulation, reason = caps.has_tpm_emulator, ("" if caps.has_tpm_emulator else
+                                                        caps.notes.get("tpm", "this QEMU has no TPM emulation"))
+        except ThalunixError as error:
+            emulation, reason = False, str(error)
+        return {"tpm_emulation": emulation, "reason": reason, "default": not emulation, "about": win11.ABOUT,
+                "keys": list(win11.LABCONFIG_KEYS)}
+
+    def _wants_win11_setup(self, options: CreateOptions, config: VMConfig) -> bool:
+        if options.win11_setup is not None:
+            return bool(options.win11_setup)
+        if config.os != "windows11":
+            return False
+        return win11.default_for(config.os, config.tpm, bool(self.win11_setup_info()["tpm_emulation"]))
 
     def _with_iso_defaults(self, options: CreateOptions) -> CreateOptions:
         """``options`` with what the user left out filled from the ISO's catalog entry, else CREATE_DEFAULTS."""
