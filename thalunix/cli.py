@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--disk", help="size of a new disk (20G), path of an existing image, or none (default: "
                                        "the ISO's catalog entry's size, else none)")
     create.add_argument("--disk-format", choices=DISK_FORMATS, default="qcow2")
+    create.add_argument("--win11-setup", action=argparse.BooleanOptionalAction, default=None,
+                        help="attach a drive with an autounattend.xml that lets Windows 11 Setup skip its TPM, Secure "
+                             "Boot and RAM checks (nothing else); default: on for --os windows11 when this host "
+                             "cannot emulate a TPM")
     for verb, text in (("show", "show a VM's settings and state"), ("start", "start a VM"),
                        ("pause", "pause a running VM"), ("resume", "resume a paused VM"),
                        ("reset", "hard-reset a running VM")):
@@ -93,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--serial", action="store_true", help="the serial console log")
     log.add_argument("--qemu", action="store_true", help="QEMU's own output")
     _storage_parsers(vm)
+    firmware = vm.add_parser("firmware", help="show a VM's UEFI variable store, or reset its firmware settings")
+    firmware.add_argument("name")
+    firmware.add_argument("action", nargs="?", choices=("show", "reset"), default="show",
+                          help="reset: forget boot entries and enrolled keys (the VM must be stopped)")
     _iso_parsers(commands, common)
     return parser
 
@@ -187,7 +195,8 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
         config = engine.create(CreateOptions(
             name=args.name, iso=args.iso, ram=args.ram, cpus=args.cpus, disk=args.disk, disk_format=args.disk_format,
             disk_bus=args.disk_bus, firmware=args.firmware, tpm=args.tpm, forwards=args.forward or [], os=args.os,
-            machine=args.machine, accel=args.accel, display=args.display, boot=_boot(args.boot)))
+            machine=args.machine, accel=args.accel, display=args.display, boot=_boot(args.boot),
+            win11_setup=args.win11_setup))
         _print(args, engine.describe(config.name), f"Created VM {config.name!r} in {engine.data.vm_dir(config.id)}")
         return 0
     if verb == "show":
@@ -237,6 +246,19 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
                                   "pick another file", "file") from None
         _print(args, {"file": str(Path(args.file).expanduser().absolute()), "bytes": len(png)},
                f"Saved the screen of VM {args.name!r} to {args.file}")
+        return 0
+    if verb == "firmware":
+        if args.action == "reset":
+            result = engine.firmware_reset(args.name)
+            _print(args, result, f"VM {args.name!r}: {result['note']}"
+                   + (f" (the old store is kept as {result['backup']})" if result["backup"] else ""))
+            return 0
+        info = engine.firmware(args.name)
+        store = info["vars"]
+        _print(args, info, f"VM {args.name!r}: {info['description']}\n" + (
+            f"  variables {store['path']} ({store['size'] >> 10} KiB, written {store['modified']})"
+            if store else "  variables: none stored yet (made from the firmware's defaults at the next start)"
+            if info["firmware"] != "bios" else "  BIOS keeps no settings here"))
         return 0
     if verb in ("disk", "snapshot", "clone", "export", "import"):
         return _storage(engine, args)
