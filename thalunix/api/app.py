@@ -335,6 +335,23 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
         tail = _query_int("tail", 1 << 20, LOG_TAIL_MAX)
         return {"kind": kind, "text": engine.read_log(name, kind, tail)}
 
+    @app.get("/api/vms/<name>/firmware")
+    @api
+    def get_firmware(name: str) -> Any:
+        return engine.firmware(name)
+
+    @app.post("/api/vms/<name>/firmware/reset")
+    @api
+    def reset_firmware(name: str) -> Any:
+        if read_body(required=False):
+            raise ValidationError("firmware reset takes no body")
+        return engine.firmware_reset(name)
+
+    @app.get("/api/win11-setup")
+    @api
+    def win11_setup() -> Any:
+        return engine.win11_setup_info()
+
     # -- the rest ---------------------------------------------------------------------------------------
     from thalunix.api import downloads   # catalog, ISOs, downloads (it imports this module's helpers)
     downloads.add_routes(app, engine)

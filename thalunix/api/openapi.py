@@ -209,6 +209,18 @@ def openapi_document() -> dict[str, Any]:
                                    "schema": {"type": "string", "enum": list(LOG_KINDS), "default": "events"}},
                             {"name": "tail", "in": "query", "required": False,
                              "schema": {"type": "integer", "minimum": 0, "maximum": LOG_TAIL_MAX}}])},
+            "/api/vms/{name}/firmware": {"get": _operation(
+                "get_firmware", "The VM's firmware kind and its UEFI variable store",
+                _json(_ref("FirmwareInfo"), "Firmware kind, variable store (null: none stored yet)"),
+                parameters=[NAME])},
+            "/api/vms/{name}/firmware/reset": {"post": _operation(
+                "reset_firmware", "Forget the VM's UEFI settings (boot entries, enrolled keys); the VM must be "
+                                  "stopped. The next start begins from the firmware's defaults",
+                _json(_ref("FirmwareReset"), "What was reset; the old store is kept as a .prev file"),
+                parameters=[NAME])},
+            "/api/win11-setup": {"get": _operation(
+                "win11_setup", "Whether this host can emulate a TPM, and the default of the Windows 11 setup option",
+                _json(_ref("Win11Setup"), "The option's default here and why"))},
             **download_paths(),
             "/api/doctor": {"get": _operation(
                 "doctor", "What Thalunix found on this host (QEMU, accelerators, firmware, data folder)",
@@ -270,6 +282,22 @@ def openapi_document() -> dict[str, Any]:
                     "host": {"type": "string", "enum": ["127.0.0.1"]}}},
                 "LogText": {"type": "object", "required": ["kind", "text"], "properties": {
                     "kind": {"type": "string", "enum": list(LOG_KINDS)}, "text": {"type": "string"}}},
+                "FirmwareInfo": {"type": "object", "required": ["vm", "firmware", "vars"], "properties": {
+                    "vm": {"type": "string"}, "firmware": {"type": "string", "enum": list(FIRMWARES)},
+                    "description": {"type": "string"}, "secure_boot": {"type": "boolean"},
+                    "backup": {"type": "boolean", "description": "a previous store is kept as vars.qcow2.prev"},
+                    "reset_command": {"type": "string"},
+                    "vars": {"type": "object", "nullable": True, "properties": {
+                        "path": {"type": "string"}, "size": {"type": "integer"}, "modified": {"type": "string"},
+                        "template": {"type": "string"}, "made_for": {"type": "string"},
+                        "current": {"type": "boolean"}}}}},
+                "FirmwareReset": {"type": "object", "required": ["vm", "reset", "note"], "properties": {
+                    "vm": {"type": "string"}, "reset": {"type": "boolean"},
+                    "backup": {"type": "string", "nullable": True}, "note": {"type": "string"}}},
+                "Win11Setup": {"type": "object", "required": ["tpm_emulation", "default"], "properties": {
+                    "tpm_emulation": {"type": "boolean"}, "reason": {"type": "string"},
+                    "default": {"type": "boolean"}, "about": {"type": "string"},
+                    "keys": {"type": "array", "items": {"type": "string"}}}},
                 **download_schemas(),
                 "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
             },
