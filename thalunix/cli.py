@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--serial", action="store_true", help="the serial console log")
     log.add_argument("--qemu", action="store_true", help="QEMU's own output")
     _storage_parsers(vm)
+    _network_parsers(vm, commands, common)
     firmware = vm.add_parser("firmware", help="show a VM's UEFI variable store, or reset its firmware settings")
     firmware.add_argument("name")
     firmware.add_argument("action", nargs="?", choices=("show", "reset"), default="show",
@@ -178,6 +179,8 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
         report = diagnose(engine)
         _print(args, report, render(report))
         return 0
+    if args.command in ("net", "usb") or getattr(args, "verb", None) in NETWORK_VERBS:
+        return _network(engine, args)
     if args.command == "iso":
         return _iso(engine, args)
     verb = args.verb
@@ -745,3 +748,159 @@ def _size(value: Any) -> str:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- networks, USB, guest agent, shared folder ---------------------------------------------------------------
+NETWORK_VERBS = ("net", "usb", "agent", "copy-in", "copy-out", "share")
+
+
+def _network_parsers(vm: Any, commands: Any, common: argparse.ArgumentParser) -> None:
+    from thalunix.model import NIC_MODELS, NIC_MODES
+    vnet = vm.add_parser("net", help="a VM's network cards and port forwards")
+    vnet.add_argument("name")
+    actions = vnet.add_subparsers(dest="net_verb", metavar="ACTION", parser_class=type(vnet))
+    actions.required = True
+    actions.add_parser("list", help="the VM's cards: mode, model, MAC, network, forwards")
+    add = actions.add_parser("add", help="add a network card")
+    add.add_argument("--mode", choices=NIC_MODES, default="user")
+    add.add_argument("--model", choices=NIC_MODELS, default="virtio-net-pci")
+    add.add_argument("--network", default="", help="mode private: the custom network's name")
+    add.add_argument("--bridge", default="", help="mode bridge: the host bridge (Linux) or TAP adapter (Windows)")
+    add.add_argument("--tap", default="", help="mode bridge: an existing TAP device instead of a bridge")
+    add.add_argument("--mac", default="", help="default: a new unique one")
+    add.add_argument("--forward", action="append", default=[], metavar="tcp:HOSTPORT:GUESTPORT")
+    remove = actions.add_parser("remove", help="remove network card CARD (1 is the first)")
+    remove.add_argument("card", type=int)
+    forward = actions.add_parser("forward", help="add or remove a port forward")
+    forward.add_argument("action", choices=("add", "remove"))
+    forward.add_argument("spec", metavar="[tcp|udp:][HOSTADDR:]HOSTPORT[:GUESTPORT]",
+                         help="add: tcp:8080:80 (127.0.0.1 unless an address is given); remove: the host port")
+    forward.add_argument("--card", type=int, default=None, help="the card (default: the first)")
+
+    vusb = vm.add_parser("usb", help="plug host USB devices into a running VM, or unplug them")
+    vusb.add_argument("name")
+    vusb.add_argument("action", choices=("list", "attach", "detach"))
+    vusb.add_argument("device", nargs="?", help="vendor:product as `thalunix usb list` shows, or usb-kbd/usb-mouse")
+    vusb.add_argument("--remember", action="store_true", help="attach: plug it in again at every start")
+    vusb.add_argument("--keep", action="store_true", help="detach: keep it remembered for the next start")
+
+    vagent = vm.add_parser("agent", help="ask the guest agent (qemu-guest-agent in the guest)")
+    vagent.add_argument("name")
+    vagent.add_argument("action", choices=("info", "sync-time"))
+    copy_in = vm.add_parser("copy-in", help="copy a host file into the guest through the guest agent")
+    copy_in.add_argument("name")
+    copy_in.add_argument("host_file")
+    copy_in.add_argument("guest_path")
+    copy_out = vm.add_parser("copy-out", help="copy a file out of the guest through the guest agent")
+    copy_out.add_argument("name")
+    copy_out.add_argument("guest_path")
+    copy_out.add_argument("host_file")
+    vshare = vm.add_parser("share", help="offer a host folder to this VM (WebDAV at http://10.0.2.100/ in the guest)")
+    vshare.add_argument("name")
+    vshare.add_argument("folder", nargs="?", help="the folder (none: show the current share)")
+    vshare.add_argument("--off", action="store_true", help="stop sharing")
+
+    net_parser = commands.add_parser("net", help="custom private networks between VMs")
+    net = net_parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_parser_with(common))
+    net.required = True
+    create = net.add_parser("create", help="define a private network VMs can join (no admin rights needed)")
+    create.add_argument("network")
+    create.add_argument("--description", default="")
+    net.add_parser("list", help="the custom networks, their VMs and switches")
+    delete = net.add_parser("delete", help="delete a custom network no VM uses")
+    delete.add_argument("network")
+    serve_switch = net.add_parser("serve-switch")   # internal: the switch process a VM start spawns
+    serve_switch.add_argument("network")
+    usb_parser = commands.add_parser("usb", help="the host's USB devices")
+    usb = usb_parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_parser_with(common))
+    usb.required = True
+    usb.add_parser("list", help="USB devices plugged into this host")
+
+
+def _network(engine: DirectEngine, args: argparse.Namespace) -> int:
+    if args.command == "net":
+        if args.verb == "serve-switch":
+            from thalunix.net import serve_switch
+            return serve_switch(engine.data, args.network)
+        if args.verb == "create":
+            row = engine.network_create(args.network, args.description)
+            _print(args, row, f"Created network {row['name']!r}; attach VMs with "
+                              f"`thalunix vm net VM add --mode private --network {row['name']}`")
+        elif args.verb == "delete":
+            engine.network_delete(args.network)
+            _print(args, {"deleted": args.network}, f"Deleted network {args.network!r}")
+        else:
+            rows = engine.networks()
+            lines = [f"{'NETWORK':20} {'SWITCH':16} VMS"]
+            for row in rows:
+                switch = row.get("switch") or {}
+                state = f"udp {switch['port']}" if switch.get("running") else "not running"
+                lines.append(f"{row['name']:20} {state:16} {', '.join(row.get('vms', [])) or '-'}")
+            _print(args, rows, "\n".join(lines) if rows else "No networks yet: thalunix net create NAME")
+        return 0
+    if args.command == "usb":
+        rows = engine.usb_host_devices()
+        lines = [f"{'ID':10} {'BUS':>3} {'ADDR':>4}  DEVICE"]
+        lines += [f"{r['id']:10} {r['bus'] or '':>3} {r['address'] or '':>4}  {r['manufacturer']} {r['product']}".rstrip()
+                  for r in rows]
+        _print(args, rows, "\n".join(lines) if rows else "No USB devices found on this host")
+        return 0
+    verb = args.verb
+    if verb == "net":
+        action = args.net_verb
+        if action == "add":
+            rows = engine.nic_add(args.name, mode=args.mode, model=args.model, network=args.network,
+                                  bridge=args.bridge, tap=args.tap, mac=args.mac, forwards=args.forward)
+        elif action == "remove":
+            rows = engine.nic_remove(args.name, args.card)
+        elif action == "forward" and args.action == "add":
+            rows = engine.forward_add(args.name, args.spec, args.card or 1)
+        elif action == "forward":
+            rows = engine.forward_remove(args.name, args.spec, args.card)
+        else:
+            rows = engine.nics(args.name)
+        lines = [f"{'CARD':4} {'MODE':10} {'MODEL':15} {'MAC':17}  TARGET / FORWARDS"]
+        for row in rows:
+            lines.append(f"{row['card']:<4} {row['mode']:10} {row['model']:15} {row['mac']:17}  {row['target']}"
+                         + (f"  {', '.join(row['forwards'])}" if row["forwards"] else ""))
+        _print(args, rows, "\n".join(lines) if rows else f"VM {args.name!r} has no network cards")
+    elif verb == "usb":
+        if args.action == "list":
+            rows = engine.usb_devices(args.name)
+            _print(args, rows, "\n".join(json.dumps(r) for r in rows) or f"VM {args.name!r} has no USB devices")
+            return 0
+        if not args.device:
+            raise ValidationError(f"vm usb {args.action} needs a device (vendor:product)", "device")
+        if args.action == "attach":
+            result = engine.usb_attach(args.name, args.device, remember=args.remember)
+            _print(args, result, f"Plugged {args.device} into {args.name!r}"
+                   + (" (remembered for the next start)" if result["remembered"] else ""))
+        else:
+            result = engine.usb_detach(args.name, args.device, forget=not args.keep)
+            _print(args, result, f"Unplugged {args.device} from {args.name!r}")
+    elif verb == "agent":
+        if args.action == "sync-time":
+            from thalunix import agent
+            done = agent.sync_time(engine.supervisor, engine.get(args.name))
+            _print(args, {"synced": done}, "Guest clock set to the host's" if done else "No guest agent answered")
+            return 0 if done else 1
+        info = engine.agent_info(args.name)
+        os_name = (info.get("os") or {}).get("pretty-name") or (info.get("os") or {}).get("name") or "?"
+        _print(args, info, f"OS: {os_name}\nHost name: {info.get('hostname') or '?'}\n"
+                           f"IP addresses: {', '.join(info['ips']) or 'none'}")
+    elif verb in ("copy-in", "copy-out"):
+        if verb == "copy-in":
+            result = _run_job(engine, args, lambda: engine.copy_in(args.name, args.host_file, args.guest_path))
+        else:
+            result = _run_job(engine, args, lambda: engine.copy_out(args.name, args.guest_path, args.host_file))
+        check = "verified in the guest" if result["verified"] else "not verified (the guest cannot run sha256sum)"
+        _print(args, result, f"Copied {result['bytes']} bytes in {result['seconds']} s, SHA-256 {result['sha256']} "
+                             f"({check})")
+    else:
+        if args.off or args.folder:
+            result = engine.share_set(args.name, None if args.off else args.folder)
+        else:
+            result = engine.share_info(args.name)
+        _print(args, result, f"{args.name!r} shares {result['folder']} at {result['guest_url']} (in the guest)"
+               if result["folder"] else f"{args.name!r} shares no folder")
+    return 0

@@ -224,6 +224,8 @@ class DirectEngine(Engine):
         forwards = [PortForward.parse(spec) for spec in options.forwards]
         config.nics = [Nic(forwards=forwards)]
         config.set_defaults()
+        from thalunix import net
+        net.ensure_unique_macs(self.data, config, generated=range(len(config.nics)))
         for disk in config.disks:
             disk.path = disk.path.replace("{id}", config.id)
         answer_drive = self._wants_win11_setup(options, config)
@@ -256,8 +258,17 @@ class DirectEngine(Engine):
                 raise ValidationError(f"{key} cannot be changed", key)
         data.update(changes)
         updated = VMConfig.from_dict(data)
+        fresh_macs = [index for index, nic in enumerate(updated.nics) if not nic.mac]
         updated.set_defaults()
         validate(updated, self.host, self.data.exists)
+        from thalunix import net
+        net.ensure_unique_macs(self.data, updated, generated=fresh_macs)
+        for index, nic in enumerate(updated.nics):
+            if nic.mode == "private" and nic.network not in self.data.network_names():
+                raise ValidationError(f"{updated.label}: card {index + 1} is on network {nic.network!r}, which does "
+                                      f"not exist (known: {', '.join(self.data.network_names()) or 'none yet'}); "
+                                      f"create it first (`thalunix net create {nic.network}`)",
+                                      f"nics[{index}].network")
         self.data.save_vm(updated)
         self.bus.publish("vm.config", vm=updated.id, name=updated.name, change="edited")
         return updated
@@ -302,7 +313,10 @@ class DirectEngine(Engine):
         self.supervisor.pause(self.get(name))
 
     def resume(self, name: str) -> None:
-        self.supervisor.resume(self.get(name))
+        config = self.get(name)
+        self.supervisor.resume(config)
+        from thalunix import agent
+        agent.sync_time_later(self.supervisor, config)   # the guest clock stood still while paused
 
     def reset(self, name: str) -> None:
         self.supervisor.reset(self.get(name))
@@ -617,7 +631,11 @@ class DirectEngine(Engine):
         from thalunix import disks, snapshots
         config = self.get(name)
         with disks.exclusive(self, config):
-            return snapshots.revert_snapshot(self, config, snapshot)
+            result = snapshots.revert_snapshot(self, config, snapshot)
+        if self.supervisor.status(config)["state"] == "running":
+            from thalunix import agent
+            agent.sync_time_later(self.supervisor, config)   # the guest woke up at the snapshot's time
+        return result
 
     def snapshot_delete(self, name: str, snapshot: str) -> dict[str, Any]:
         from thalunix import disks, snapshots
@@ -656,7 +674,104 @@ class DirectEngine(Engine):
         return self.jobs.cancel(job_id)
 
     def attach_running(self) -> list[str]:
-        return self.supervisor.attach_all([e.config for e in self.data.list_vms() if e.config])
+        from thalunix import share
+        configs = [e.config for e in self.data.list_vms() if e.config]
+        names = self.supervisor.attach_all(configs)
+        for config in configs:
+            if config.name in names:
+                share.resume_for(self.data, config)   # QEMU's guestfwd reconnects to the new server
+        return names
+
+    # -- networks, USB, guest agent, shared folder (the work is in net/usb/agent/share) -------------------
+    def nics(self, name: str) -> list[dict[str, Any]]:
+        from thalunix import net
+        return net.nic_rows(self.get(name))
+
+    def nic_add(self, name: str, mode: str = "user", model: str = "virtio-net-pci", network: str = "",
+                bridge: str = "", tap: str = "", mac: str = "", forwards: list[str] | None = None) -> list[dict[str, Any]]:
+        config = self.get(name)
+        nic = {"mode": mode, "model": model, "network": network, "bridge": bridge, "tap": tap, "mac": mac,
+               "forwards": [PortForward.parse(spec).to_dict() for spec in forwards or []]}
+        return self.nics(self.edit(name, {"nics": [n.to_dict() for n in config.nics] + [nic]}).name)
+
+    def nic_remove(self, name: str, card: int) -> list[dict[str, Any]]:
+        """Remove card ``card`` (1-based, as listings number them)."""
+        config = self.get(name)
+        if not 1 <= card <= len(config.nics):
+            raise ValidationError(f"{config.label} has no network card {card} (it has {len(config.nics)})", "card")
+        nics = [n.to_dict() for i, n in enumerate(config.nics) if i != card - 1]
+        return self.nics(self.edit(name, {"nics": nics}).name)
+
+    def forward_add(self, name: str, spec: str, card: int = 1) -> list[dict[str, Any]]:
+        from thalunix import net
+        config = net.add_forward(self.get(name), spec, card - 1)
+        return self.nics(self.edit(name, {"nics": [n.to_dict() for n in config.nics]}).name)
+
+    def forward_remove(self, name: str, spec: str, card: int | None = None) -> list[dict[str, Any]]:
+        from thalunix import net
+        config = net.remove_forward(self.get(name), spec, None if card is None else card - 1)
+        return self.nics(self.edit(name, {"nics": [n.to_dict() for n in config.nics]}).name)
+
+    def networks(self) -> list[dict[str, Any]]:
+        from thalunix import net
+        return net.list_networks(self.data)
+
+    def network_create(self, network: str, description: str = "") -> dict[str, Any]:
+        from thalunix import net
+        created = net.create_network(self.data, network, description).to_dict()
+        self.bus.publish("network.config", network=network, change="created")
+        return created
+
+    def network_delete(self, network: str) -> None:
+        from thalunix import net
+        net.delete_network(self.data, network)
+        self.bus.publish("network.config", network=network, change="deleted")
+
+    def usb_host_devices(self) -> list[dict[str, Any]]:
+        from thalunix import usb
+        return usb.list_host_devices()
+
+    def usb_devices(self, name: str) -> list[dict[str, Any]]:
+        from thalunix import usb
+        return usb.attached(self, name)
+
+    def usb_attach(self, name: str, device: str, remember: bool = False) -> dict[str, Any]:
+        from thalunix import usb
+        return usb.attach(self, name, device, remember=remember)
+
+    def usb_detach(self, name: str, device: str, forget: bool = True) -> dict[str, Any]:
+        from thalunix import usb
+        return usb.detach(self, name, device, forget=forget)
+
+    def agent_info(self, name: str) -> dict[str, Any]:
+        from thalunix import agent
+        return agent.info(self, name)
+
+    def copy_in(self, name: str, host_file: str, guest_path: str, wait: bool = False) -> dict[str, Any]:
+        from thalunix import agent
+        config = self.get(name)
+        if not Path(host_file).expanduser().is_file():
+            raise ValidationError(f"{host_file!r} is not a file on this host; check the path", "host_file")
+        self.supervisor.require_session(config)
+        return self._job("vm.copy-in", config, f"copying {Path(host_file).name} into {config.name}",
+                         lambda job: agent.copy_in(self, name, host_file, guest_path, progress=job.update,
+                                                   cancelled=lambda: job.cancelled), wait, lock=False)
+
+    def copy_out(self, name: str, guest_path: str, host_file: str, wait: bool = False) -> dict[str, Any]:
+        from thalunix import agent
+        config = self.get(name)
+        self.supervisor.require_session(config)
+        return self._job("vm.copy-out", config, f"copying {guest_path} out of {config.name}",
+                         lambda job: agent.copy_out(self, name, guest_path, host_file, progress=job.update,
+                                                    cancelled=lambda: job.cancelled), wait, lock=False)
+
+    def share_set(self, name: str, folder: str | None) -> dict[str, Any]:
+        from thalunix import share
+        return share.set_folder(self, name, folder)
+
+    def share_info(self, name: str) -> dict[str, Any]:
+        from thalunix import share
+        return share.info(self, name)
 
     def close(self, stop_vms: bool = False) -> None:
         """Leave: stop the VMs, or let them run on (a later Thalunix re-attaches)."""

@@ -11,6 +11,7 @@ letter or mount point. Layout::
       vms/<vm-id>/tpm/           TPM state
       vms/<vm-id>/logs/          qemu.log (QEMU's stderr), serial.log, events.log
       vms/<vm-id>/run/           QMP and serial sockets, state.json, lock (while running)
+      networks/<name>.json       a custom (private) network; <name>.run/ its switch's lock and port while it runs
       hosts.json                 libvirt hosts (name, URI) listed beside the local VMs
       isos/  downloads/  cache/  runtime/  tmp/  logs/
 
@@ -45,7 +46,7 @@ from thalunix.model import VMConfig, validate_name
 ENV_DATA_DIR = "THALUNIX_DATA"
 FOLDER_NAME = "thalunix-data"
 CONFIG_NAME = "vm.json"
-SUBFOLDERS = ("vms", "isos", "downloads", "cache", "runtime", "tmp", "logs")
+SUBFOLDERS = ("vms", "isos", "downloads", "cache", "runtime", "tmp", "logs", "networks")
 VM_SUBFOLDERS = ("disks", "firmware", "tpm", "logs", "run")
 
 
@@ -253,6 +254,26 @@ class DataFolder:
     def hosts_file(self) -> Path:
         """The libvirt hosts Thalunix manages besides this folder (:mod:`thalunix.libvirt.hosts` keeps it)."""
         return self.root / "hosts.json"
+
+    @property
+    def networks_dir(self) -> Path:
+        return self.root / "networks"
+
+    def network_file(self, name: str) -> Path:
+        """``networks/<name>.json``; the name is checked by thalunix.net before it gets here."""
+        if not name or any(c in name for c in "/\\.:\x00"):
+            raise ValidationError(f"{name!r} is not a network name", "network")
+        return self.networks_dir / f"{name}.json"
+
+    def network_run_path(self, name: str, part: str) -> Path:
+        """The running switch's files (lock, port) in ``networks/<name>.run/``."""
+        return self.network_file(name).with_suffix(".run") / part
+
+    def network_names(self) -> list[str]:
+        try:
+            return sorted(p.stem for p in self.networks_dir.glob("*.json") if not p.name.startswith("."))
+        except OSError:
+            return []
 
     def vm_dir(self, vm_id: str) -> Path:
         if not vm_id or not all(c in "0123456789abcdef" for c in vm_id):

@@ -20,10 +20,15 @@ from dataclasses import dataclass, field
 from thalunix.errors import ValidationError
 from thalunix.model.base import ModelObject, choice
 
-NIC_MODES = ("user", "restricted", "none")
+#: user: NAT with forwards; restricted: NAT without outbound access; private: a Thalunix switch shared by
+#: the VMs naming the same custom network (no admin rights); bridge: a host bridge or TAP device.
+NIC_MODES = ("user", "restricted", "private", "bridge", "none")
 NIC_MODELS = ("virtio-net-pci", "e1000e", "e1000", "rtl8139")
 PROTOCOLS = ("tcp", "udp")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+#: Custom network names (files networks/<name>.json) and host interface names (br0, tap0, "TAP-Windows 1").
+NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
 
 @dataclass
@@ -83,6 +88,12 @@ class Nic(ModelObject):
     model: str = "virtio-net-pci"
     mac: str = ""
     forwards: list[PortForward] = field(default_factory=list)
+    #: mode private: the custom network's name (``thalunix net create NAME``)
+    network: str = ""
+    #: mode bridge: the host bridge (Linux, through qemu-bridge-helper) ...
+    bridge: str = ""
+    #: ... or an existing TAP device (Linux tap name, or the Windows TAP adapter's name)
+    tap: str = ""
 
     def set_defaults(self, context: object = None) -> None:
         if not self.mac:
@@ -98,8 +109,21 @@ class Nic(ModelObject):
         if int(self.mac[:2], 16) & 1:
             raise ValidationError(f"{where}.mac: {self.mac} is a multicast address; the first byte must be even",
                                   f"{where}.mac")
-        if self.forwards and self.mode == "none":
-            raise ValidationError(f"{where}.forwards: a card with no network cannot forward ports", f"{where}.forwards")
+        if self.forwards and self.mode not in ("user", "restricted"):
+            raise ValidationError(f"{where}.forwards: only a NAT card (mode user or restricted) forwards ports; "
+                                  f"this one is {self.mode}", f"{where}.forwards")
+        if self.mode == "private" and not NETWORK_NAME.match(self.network):
+            raise ValidationError(f"{where}.network: a private card needs the name of a custom network "
+                                  f"(letters, digits, '_', '-'; got {self.network!r}); create one with "
+                                  "`thalunix net create NAME`", f"{where}.network")
+        if self.mode == "bridge":
+            if bool(self.bridge) == bool(self.tap):
+                raise ValidationError(f"{where}: a bridged card needs either a host bridge (e.g. br0) or an "
+                                      "existing TAP device, not both and not neither", f"{where}.bridge")
+            for name in ("bridge", "tap"):
+                value = getattr(self, name)
+                if value and not _IFNAME.match(value):
+                    raise ValidationError(f"{where}.{name}: {value!r} is not an interface name", f"{where}.{name}")
         seen: set[tuple[str, str, int]] = set()
         for index, forward in enumerate(self.forwards):
             forward.validate(f"{where}.forwards[{index}]")

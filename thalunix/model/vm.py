@@ -35,6 +35,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
 _RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 MIN_RAM_MIB = 32
 MAX_CPUS = 255
+_USB_ID = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{4}$")
 
 
 @dataclass
@@ -55,6 +56,12 @@ class VMConfig(ModelObject):
     accel: str = "auto"
     tpm: str = "auto"
     usb_tablet: bool = True
+    #: the QEMU guest agent's virtio-serial channel (shutdown, IP addresses, file copy, clock)
+    guest_agent: bool = True
+    #: host USB devices passed through, re-attached at start when present: "VVVV:PPPP" (vendor:product)
+    usb_devices: list[str] = field(default_factory=list)
+    #: a host folder offered to this guest only (WebDAV at http://10.0.2.100/ through its first NAT card)
+    shared_folder: str = ""
     created: str = ""
     schema: int = SCHEMA_VERSION
 
@@ -192,6 +199,17 @@ def validate(config: VMConfig, host: HostLimits | None = None,
                                       "by two network cards", f"nics[{index}].forwards")
             host_ports.add(key)
     config.display.validate("display")
+    seen_usb: set[str] = set()
+    for index, usb in enumerate(config.usb_devices):
+        if not _USB_ID.match(usb) or usb.lower() in seen_usb:
+            raise ValidationError(f"{label}: usb_devices[{index}] {usb!r} is not a vendor:product pair like "
+                                  "0781:5567 (each device once)", f"usb_devices[{index}]")
+        seen_usb.add(usb.lower())
+    if config.shared_folder:
+        _check_file(label, "shared_folder", config.shared_folder, "shared folder", None)
+        if not any(nic.mode in ("user", "restricted") for nic in config.nics):
+            raise ValidationError(f"{label}: a shared folder is reached through a NAT network card (mode user "
+                                  "or restricted); add one or remove the shared folder", "shared_folder")
 
 
 def _check_file(label: str, field_name: str, path: str, what: str,

@@ -75,6 +75,16 @@ class LaunchPlan:
     #: A listening QMP socket the runner made and QEMU inherits: the runner can connect at once.
     qmp_fd: int = -1
     tpm_socket: str = ""
+    #: private cards: (card index, local UDP port, the network switch's UDP port), all on 127.0.0.1
+    private_links: tuple[tuple[int, int, int], ...] = ()
+    #: the guest agent's chardev (None: no agent channel)
+    agent: Endpoint | None = None
+    #: the shared folder's WebDAV server (a UNIX socket, or TCP on 127.0.0.1), reached by the guest at 10.0.2.100:80
+    share: Endpoint | None = None
+    #: remembered host USB devices present at start: (device id, "vvvv:pppp")
+    usb_host: tuple[tuple[str, str], ...] = ()
+    #: qemu-bridge-helper for bridged cards (Linux)
+    bridge_helper: str = ""
 
 
 #: Spare PCIe root ports on q35 for disk hot-plug (see thalunix.disks).
@@ -122,14 +132,23 @@ def build_argv(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[s
     qmp = f"socket,id=qmp,fd={plan.qmp_fd},server=on,wait=off" if plan.qmp_fd >= 0 else plan.qmp.chardev("qmp")
     argv += ["-chardev", qmp, "-mon", "chardev=qmp,mode=control"]
     argv += _drives(config, caps, plan)
-    argv += _network(config, caps)
+    argv += _network(config, caps, plan)
     argv += _display(config, caps, plan)
     if config.serial and plan.serial:
         extra = (f"logfile={_escape(plan.serial_log)}", "logappend=on") if plan.serial_log else ()
         argv += ["-chardev", plan.serial.chardev("serial0", *extra), "-serial", "chardev:serial0"]
-    if config.usb_tablet:
+    if config.usb_tablet or config.usb_devices:
         _require(caps, "qemu-xhci", config, "usb_tablet")
-        argv += ["-device", "qemu-xhci,id=xhci", "-device", "usb-tablet,bus=xhci.0"]
+        argv += ["-device", "qemu-xhci,id=xhci"]
+        if config.usb_tablet:
+            argv += ["-device", "usb-tablet,bus=xhci.0"]
+        for device_id, usb in plan.usb_host:
+            vendor, product = usb.split(":")
+            argv += ["-device", f"usb-host,vendorid=0x{vendor},productid=0x{product},id={device_id},bus=xhci.0"]
+    if config.guest_agent and plan.agent:
+        _require(caps, "virtio-serial-pci", config, "guest_agent")
+        argv += ["-device", "virtio-serial-pci,id=vser0", "-chardev", plan.agent.chardev("qga0"),
+                 "-device", "virtserialport,bus=vser0.0,chardev=qga0,id=qga0-port,name=org.qemu.guest_agent.0"]
     if plan.tpm_socket:
         # An empty list means "not probed" unless the probe left a note (Windows builds have no -tpmdev at all).
         if (caps.tpm_backends or "tpm" in caps.notes) and not caps.has_tpm_emulator:
@@ -266,17 +285,51 @@ def _drives(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[str]
     return buses.argv + argv
 
 
-def _network(config: VMConfig, caps: Capabilities) -> list[str]:
+#: Where the guest finds the shared folder (a guestfwd address inside user networking's 10.0.2.0/24).
+SHARE_GUEST_ADDRESS = "10.0.2.100"
+
+
+def _netdev(config: VMConfig, caps: Capabilities, plan: LaunchPlan, index: int, share: bool) -> list[str]:
+    nic = config.nics[index]
+    if nic.mode == "private":
+        links = {link[0]: link for link in plan.private_links}
+        if index not in links:
+            raise ValidationError(f"{config.label}: no switch port for card {index + 1} on network "
+                                  f"{nic.network!r}", f"nics[{index}].network")
+        _, local, remote = links[index]
+        if not caps.netdevs or "dgram" in caps.netdevs:
+            return [f"dgram,id=net{index}", "local.type=inet", "local.host=127.0.0.1", f"local.port={local}",
+                    "remote.type=inet", "remote.host=127.0.0.1", f"remote.port={remote}"]
+        # QEMU before 7.2: the older UDP backend carries the same frames.
+        return [f"socket,id=net{index}", f"udp=127.0.0.1:{remote}", f"localaddr=127.0.0.1:{local}"]
+    if nic.mode == "bridge":
+        if nic.tap:
+            return [f"tap,id=net{index}", f"ifname={_escape(nic.tap)}", "script=no", "downscript=no"]
+        helper = [f"helper={_escape(plan.bridge_helper)}"] if plan.bridge_helper else []
+        return [f"bridge,id=net{index}", f"br={_escape(nic.bridge)}", *helper]
+    netdev = [f"user,id=net{index}"]
+    if nic.mode == "restricted":
+        netdev.append("restrict=on")
+    for forward in nic.forwards:
+        netdev.append(f"hostfwd={forward.protocol}:{forward.host_address}:{forward.host_port}-:{forward.guest_port}")
+    if share:
+        # The chardev reconnects: a Thalunix started later serves the same socket again.
+        assert plan.share is not None
+        target = (f"unix:{_escape(_escape(plan.share.path))}" if plan.share.kind == "unix"
+                  else f"tcp:{plan.share.host}:{plan.share.port}")
+        netdev.append(f"guestfwd=tcp:{SHARE_GUEST_ADDRESS}:80-{target},,reconnect=1")
+    return netdev
+
+
+def _network(config: VMConfig, caps: Capabilities, plan: LaunchPlan) -> list[str]:
     argv: list[str] = []
     boot = _boot_indexes(config)
+    share_nic = next((i for i, nic in enumerate(config.nics) if nic.mode in ("user", "restricted")), -1) \
+        if plan.share else -1
     for index, nic in enumerate(config.nics):
         if nic.mode == "none":
             continue
-        netdev = [f"user,id=net{index}"]
-        if nic.mode == "restricted":
-            netdev.append("restrict=on")
-        for forward in nic.forwards:
-            netdev.append(f"hostfwd={forward.protocol}:{forward.host_address}:{forward.host_port}-:{forward.guest_port}")
+        netdev = _netdev(config, caps, plan, index, index == share_nic)
         _require(caps, nic.model, config, f"nics[{index}].model")
         device = f"{nic.model},netdev=net{index},id=net{index}-dev,mac={nic.mac}"
         if f"net{index}" in boot:

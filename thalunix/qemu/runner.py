@@ -102,13 +102,16 @@ class RunRecord:
     started_at: str
     state: str = "starting"
     argv: list[str] = field(default_factory=list)
+    #: the guest agent's chardev (thalunix.agent connects to it)
+    agent: Endpoint | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "token": self.token, "qmp": self.qmp.to_dict(),
                 "serial": self.serial.to_dict() if self.serial else None,
                 "vnc": self.vnc.to_dict() if self.vnc else None, "websocket_port": self.websocket_port,
                 "vnc_password": self.vnc_password, "accel": self.accel, "ladder": self.ladder,
-                "started_at": self.started_at, "state": self.state, "argv": self.argv}
+                "started_at": self.started_at, "state": self.state, "argv": self.argv,
+                "agent": self.agent.to_dict() if self.agent else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunRecord":
@@ -118,7 +121,8 @@ class RunRecord:
                    websocket_port=int(data.get("websocket_port", 0)), vnc_password=str(data.get("vnc_password", "")),
                    accel=str(data.get("accel", "")), ladder=list(data.get("ladder", [])),
                    started_at=str(data.get("started_at", "")), state=str(data.get("state", "running")),
-                   argv=list(data.get("argv", [])))
+                   argv=list(data.get("argv", [])),
+                   agent=Endpoint.from_dict(data["agent"]) if data.get("agent") else None)
 
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+Z\s+")
@@ -185,6 +189,8 @@ class VMSession:
         #: True until start() returns; an accelerator failure seen meanwhile is retried by start() itself.
         self.starting = proc is not None
         self.fallback: list[str] = []
+        #: whether the guest has its agent port open (VSERPORT_CHANGE); None after a re-attach: unknown
+        self.agent_open: bool | None = False if proc is not None else None
         self._serial_writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
@@ -284,6 +290,8 @@ class VMSession:
                 self.set_state("stopping")
             elif kind == "GUEST_PANICKED":
                 self.set_state("crashed")
+            elif kind == "VSERPORT_CHANGE" and details.get("id") == "qga0-port":
+                self.agent_open = bool(details.get("open"))
             self.supervisor.bus.publish("vm.qmp", vm=self.config.id, event=kind, data=details)
 
     async def _read_serial(self) -> None:
@@ -508,7 +516,7 @@ class Supervisor:
     def _start_once(self, config: VMConfig, runtime: Runtime, rungs: list[str]) -> dict[str, Any]:
         run_dir = self.data.vm_path(config.id, "run")
         run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("qmp.sock", "serial.sock", "vnc.sock", "vnc.secret"):
+        for stale in ("qmp.sock", "serial.sock", "vnc.sock", "vnc.secret", "qga.sock"):
             (run_dir / stale).unlink(missing_ok=True)
         code, vars_path = prepare_firmware(config, runtime, self.data)
         tpm = self.tpm.prepare(config, runtime)   # TpmError: the VM does not start, nothing is left running
@@ -521,6 +529,9 @@ class Supervisor:
             qmp, serial = Endpoint.unix("qmp.sock"), Endpoint.unix("serial.sock")
             vnc = Endpoint.unix("vnc.sock") if config.display.kind == "vnc" else None
         websocket_port = free_port() if vnc else 0
+        from thalunix import net   # forwards checked, switches and the shared folder up before QEMU runs
+        network = net.prepare_launch(self.data, config, runtime,
+                                     Endpoint.tcp(free_port()) if windows else Endpoint.unix("qga.sock"))
         vnc_password = secrets.token_urlsafe(6)[:8]   # VNC passwords stop at 8 characters
         password_file = ""
         if vnc:
@@ -541,7 +552,7 @@ class Supervisor:
                           data_dir=str(runtime.data_dir) if runtime.data_dir else "", vnc=vnc,
                           vnc_websocket_port=websocket_port, vnc_password_file=password_file,
                           qmp_fd=qmp_listener.fileno() if qmp_listener else -1,
-                          tpm_socket=tpm.socket if tpm else "")
+                          tpm_socket=tpm.socket if tpm else "", **network)
         argv = build_argv(config, runtime.caps, plan)
         log_path = self.data.vm_path(config.id, "logs", "qemu.log")
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -560,7 +571,8 @@ class Supervisor:
         record = RunRecord(pid=proc.pid, token=process.start_token(proc.pid), qmp=qmp,
                            serial=plan.serial, vnc=vnc, websocket_port=websocket_port,
                            vnc_password=vnc_password, accel=rungs[0], ladder=rungs,
-                           started_at=_now(), argv=argv)
+                           started_at=_now(), argv=argv, agent=plan.agent)
+        net.launched(self.data, config, proc.pid, record.token)
         (self.data.vm_path(config.id, "run", "last-exit.json")).unlink(missing_ok=True)
         session = VMSession(self, config, record, proc)
         session.set_state("starting")
@@ -692,8 +704,13 @@ class Supervisor:
         session.stop_requested = True
         if not force:
             session.set_state("stopping")
-            session.log("pressing the ACPI power button")
-            self._execute(session, "system_powerdown")
+            from thalunix import agent
+            # The agent first (a guest that ignores ACPI still shuts down), when the guest has it running.
+            if session.agent_open is not False and session.record.agent and agent.shutdown(self, config):
+                session.log("asked the guest agent to shut the guest down")
+            else:
+                session.log("pressing the ACPI power button")
+                self._execute(session, "system_powerdown")
             if session.exited.wait(timeout):
                 return self.status(config)
             session.log(f"the guest did not power off in {timeout:.0f} s; quitting QEMU")
