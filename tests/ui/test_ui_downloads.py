@@ -131,6 +131,16 @@ def test_download_from_the_catalog_and_create_a_vm_from_it(ui, center: FakeCente
     assert engine.data.resolve(vm.cdroms[0].path) == ready_iso
     (disk,) = engine.disks("catalog-vm")
     assert disk["virtual_size"] == 3 << 30
+
+    # The plain new-VM form: picking the downloaded ISO brings its defaults, except what was set by hand.
+    page.click("#new-vm")
+    page.wait_for_selector("#vm-form")
+    page.fill("#ram", "1G")
+    page.fill("#iso", str(ready_iso))
+    page.dispatch_event("#iso", "change")
+    page.wait_for_selector("#preset-note")
+    values = {key: page.input_value(f"#{key}") for key in ("os", "ram", "firmware", "tpm", "disk-size")}
+    assert values == {"os": "other", "ram": "1G", "firmware": "bios", "tpm": "off", "disk-size": "3G"}
     assert ui.errors == []
 
 

@@ -256,6 +256,7 @@ function showForm(vm) {
     },
   });
   if (preset) downloads.applyPreset(openForm.element, preset);
+  if (!vm) downloads.followIsoDefaults(openForm.element);
 }
 
 async function showEdit(id) {

@@ -468,6 +468,32 @@ function downloadControls(entry, label) {
 }
 
 // -- the VM form, filled in -----------------------------------------------------------------------------------
+/**
+ * In the new-VM form: choosing a downloaded catalog ISO (from the list or by path) fills in that entry's
+ * defaults, as "Create a VM from this ISO" does. Settings the user changed by hand stay as they are.
+ */
+export function followIsoDefaults(element) {
+  const iso = element.querySelector('#iso');
+  if (!iso) return;
+  const touched = new Set();
+  for (const id of ['os', 'ram', 'firmware', 'tpm', 'disk-size']) {
+    element.querySelector(`#${id}`)?.addEventListener('input', () => touched.add(id));
+  }
+  for (const radio of element.querySelectorAll('input[name="disk-mode"]')) {
+    radio.addEventListener('change', () => touched.add('disk-size'));
+  }
+  let known = [];
+  api.listIsos().then((rows) => { known = rows; }).catch(() => {});
+  iso.addEventListener('change', () => {
+    const chosen = known.find((row) => row.exists && row.defaults && (row.full_path === iso.value.trim() || row.path === iso.value.trim()));
+    if (!chosen) return;
+    const defaults = Object.fromEntries(Object.entries(chosen.defaults)
+      .filter(([key]) => !touched.has(key === 'disk' ? 'disk-size' : key)));
+    element.querySelector('#preset-note')?.remove();
+    applyPreset(element, { defaults, from: chosen.catalog_name || chosen.name });
+  });
+}
+
 /** Put a catalog entry's defaults into the new-VM form (after `form.usePath(preset.iso)`). */
 export function applyPreset(element, preset) {
   const d = preset.defaults || {};

@@ -276,6 +276,8 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
     } else if (mode === 'existing') {
       body.disk = diskPath.value.trim();
       if (!body.disk) throw Object.assign(new Error('Give the full path of the disk image'), { field: 'disk' });
+    } else {
+      body.disk = '';   // explicitly none: an ISO from the catalog would otherwise bring its default disk
     }
     if (boot.value) body.boot = boot.value.split(',');
     if (network.value === 'none' && body.forwards.length) {
