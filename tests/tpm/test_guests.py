@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,8 @@ import pytest
 from thalunix.engine import DirectEngine
 from thalunix.runtime import Capabilities
 from thalunix.tpm import TpmUnavailableError
-from tpm.support import boot_to_prompt, guest_run, pcr0, wait_no_processes, wait_serial_after
+from tpm.support import (boot_to_prompt, guest_run, owned_processes, pcr0, wait_no_processes,
+                         wait_serial_after)
 
 pytestmark = pytest.mark.qemu
 
@@ -127,3 +131,36 @@ def test_helper_tpm_across_a_guest_reset(engine: DirectEngine, make_vm, data_dir
     engine.stop("reset", force=True)
     assert engine.supervisor.tpm.wait_released(config)
     assert wait_no_processes(data_dir) == []
+
+
+def test_helper_killed_under_a_running_vm(engine: DirectEngine, make_vm, data_dir: Path, helper_image: Path) -> None:
+    """The helper dies (SIGKILL): its host says so in the VM's log and leaves; the VM itself keeps running."""
+    make_vm("orphan", tpm="helper")
+    config = engine.get("orphan")
+    engine.start("orphan")
+    lease = engine.supervisor.tpm.lease(config)
+    assert lease is not None and lease.backend == "helper"
+    with engine.bus.subscribe(accept=lambda e: e["type"] == "vm.log" and e.get("vm") == config.id) as logs:
+        os.kill(lease.info["helper_pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        lines: list[str] = []
+        while time.monotonic() < deadline and not any("ended (" in line for line in lines):
+            event = logs.get(timeout=1)
+            if event:
+                lines.append(event["line"])
+    assert any("the TPM helper VM stopped unexpectedly" in line for line in lines), lines
+    assert wait_no_processes_but_qemu(data_dir, engine, config) == []
+    assert engine.status("orphan")["state"] == "running"
+    engine.stop("orphan", force=True)
+    assert engine.supervisor.tpm.wait_released(config)
+    assert wait_no_processes(data_dir) == []
+
+
+def wait_no_processes_but_qemu(data_dir: Path, engine: DirectEngine, config) -> list[str]:
+    qemu_pid = str(engine.status(config.name)["pid"])
+    deadline = time.monotonic() + 30
+    while True:
+        left = [line for line in owned_processes(data_dir) if not line.startswith(qemu_pid + ":")]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
