@@ -100,6 +100,7 @@ class Engine:
     def add_iso(self, path: str, sha256: str | None = None, copy: bool = False,
                 catalog_id: str | None = None) -> dict[str, Any]: raise NotImplementedError
     def list_downloads(self) -> list[dict[str, Any]]: raise NotImplementedError
+    def remove_quarantined(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
     def download_iso(self, source: str, sha256: str | None = None) -> str: raise NotImplementedError
     def download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
     def pause_download(self, job_id: str) -> dict[str, Any]: raise NotImplementedError
@@ -473,6 +474,15 @@ class DirectEngine(Engine):
     def list_downloads(self) -> list[dict[str, Any]]:
         """The downloads this process knows (running, paused, finished), oldest first."""
         return list(self.downloads.list())
+
+    def remove_quarantined(self, job_id: str) -> dict[str, Any]:
+        """Delete a quarantined download: its file, the evidence and the reason (it is never offered for use)."""
+        from thalunix.downloads import IsoLibrary
+        from thalunix.errors import NotFoundError
+        if not job_id or Path(job_id).name != job_id or job_id in (".", ".."):
+            raise NotFoundError(f"no quarantined download {job_id!r}; the ISO list shows them")
+        IsoLibrary(self.data).remove_quarantined(job_id)
+        return {"removed": job_id}
 
     def download_iso(self, source: str, sha256: str | None = None) -> str:
         """Queue a download of a catalog id or URL; the job id. The same source resumes its partial file."""

@@ -149,6 +149,13 @@ def test_bad_checksum_is_quarantined_with_its_reason(api: Api, center: FakeCente
     assert row["job"] == job and row["name"] == "badsum-2.0-amd64.iso" and not row["exists"] and row["path"] is None
     assert "corrupt or altered" in row["reason"] and "ab" * 32 in row["reason"]
     assert not list(engine.data.isos_dir.glob("badsum*"))              # nothing of it is offered for use
+    evidence = engine.data.quarantine_dir / job
+    assert (evidence / "badsum-2.0-amd64.iso.quarantined").read_bytes() == center.badsum
+    for bad in ("..", "no-such-job"):
+        assert api.delete(f"/api/quarantine/{bad}").status_code == 404
+    assert api.delete(f"/api/quarantine/{job}").json() == {"removed": job}
+    assert not evidence.exists() and engine.data.quarantine_dir.is_dir()
+    assert [iso for iso in api.get("/api/isos").json() if iso["status"] == "quarantined"] == []
 
 
 def test_refusals_name_their_field(api: Api, center: FakeCenter, tmp_path: Path) -> None:

@@ -152,7 +152,7 @@ def test_quarantine_local_add_and_windows(ui, center: FakeCenter, engine: Direct
     row.wait_for(timeout=60_000)
     reason = row.locator(".iso-reason").inner_text()
     assert "badsum-2.0-amd64.iso is corrupt or altered" in reason and "ab" * 32 in reason
-    assert row.get_by_role("button").count() == 0                # nothing offered for use
+    assert row.get_by_role("button").all_inner_texts() == ["Delete"]    # nothing offered for use
     assert "Quarantined:" in page.inner_text(f'{_card("badsum")} .progress-text')
     assert page.locator(f'{_card("badsum")} .download').inner_text() == "Try again"
 
@@ -180,6 +180,10 @@ def test_quarantine_local_add_and_windows(ui, center: FakeCenter, engine: Direct
     added.wait_for()
     assert "Your SHA-256" in added.inner_text() and error.is_hidden()
     _shoot(ui, "25-isos-quarantined-and-added")
+    row.get_by_role("button", name="Delete").click()
+    page.click("#confirm-ok")
+    row.wait_for(state="detached")
+    assert not list(engine.data.quarantine_dir.iterdir())
 
     # Windows: fetched by hand, added as the catalog entry, then a VM form with Windows 11's needs.
     win = tmp_path / "Win11_24H2_English_x64.iso"

@@ -1,7 +1,7 @@
 """The download center's routes: the ISO catalog, the ISO list with statuses, local ISOs, and download jobs.
 
 Each route is a thin call into an engine verb (``catalog``, ``isos``, ``add_iso``, ``download_iso``,
-``list_downloads``, ``download``, ``pause/resume/cancel_download``). Progress is not polled: every
+``list_downloads``, ``download``, ``pause/resume/cancel_download``, ``remove_quarantined``). Progress is not polled: every
 change of a download reaches clients as a ``job.progress`` event (``kind: "download"``) on
 ``/api/events``. Errors leave as JSON with the field at fault (``sha256`` when the typed hash is
 missing, malformed or different, ``path``, ``source``, ``catalog_id``).
@@ -102,6 +102,11 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     for verb in ("pause", "resume", "cancel"):
         app.post(f"/api/downloads/<job_id>/{verb}", callback=action(verb))
 
+    @app.delete("/api/quarantine/<job_id>")
+    @api
+    def remove_quarantined(job_id: str) -> Any:
+        return engine.remove_quarantined(job_id)
+
 
 def _listed(engine: DirectEngine, row: dict[str, Any]) -> dict[str, Any]:
     """The row of GET /api/isos for a just-added ISO (with its status, users and catalog defaults)."""
@@ -147,6 +152,10 @@ def openapi_paths() -> dict[str, Any]:
         },
         "/api/downloads/{job_id}": {"get": _operation("get_download", "One download job", download_ok,
                                                       parameters=[JOB_ID])},
+        "/api/quarantine/{job_id}": {"delete": _operation(
+            "remove_quarantined", "Delete a quarantined download (its file, evidence and reason)",
+            _json({"type": "object", "required": ["removed"], "properties": {"removed": _TEXT}}, "It is gone"),
+            parameters=[{**JOB_ID, "description": "the quarantined download's job id (the ISO list's job)"}])},
         **actions,
     }
 

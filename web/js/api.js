@@ -58,6 +58,7 @@ export const catalog = () => call('GET', '/api/catalog');
 export const listDownloads = () => call('GET', '/api/downloads');
 export const startDownload = (source, sha256 = null) => call('POST', '/api/downloads', { source, sha256 });
 export const downloadAction = (id, verb) => call('POST', `/api/downloads/${encodeURIComponent(id)}/${verb}`);
+export const removeQuarantined = (id) => call('DELETE', `/api/quarantine/${encodeURIComponent(id)}`);
 export const screenshotUrl = (id) => vmPath(id, `/screenshot?at=${Date.now()}`);
 
 /**

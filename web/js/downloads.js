@@ -276,6 +276,10 @@ function isoRow(iso) {
                    'Create a VM from this ISO'));
   }
   if (job && (iso.status === 'downloading')) actions.push(...jobButtons(job));
+  if (iso.status === 'quarantined' && iso.job) {
+    actions.push(h('button', { type: 'button', class: 'remove-quarantined danger-outline', onclick: () => removeQuarantined(iso) },
+                   'Delete'));
+  }
   return h('li', { class: 'iso-row', dataset: { status: iso.status, name: iso.name || '', job: iso.job || '' } },
     h('div', { class: 'iso-head' },
       h('span', { class: 'iso-name' }, iso.name || iso.job || '?'),
@@ -291,6 +295,20 @@ function isoRow(iso) {
     iso.status === 'quarantined'
       ? h('p', { class: 'iso-reason', role: 'note' }, h('strong', {}, 'Not offered for use: '), iso.reason || 'it did not verify') : null,
     iso.status === 'missing' ? h('p', { class: 'iso-reason' }, 'The file is gone from where it was registered.') : null);
+}
+
+async function removeQuarantined(iso) {
+  const yes = await confirmAction({ title: `Delete the quarantined ${iso.name}?`,
+                                    text: 'The file that did not verify and the evidence kept with it are deleted.',
+                                    ok: 'Delete' });
+  if (!yes) return;
+  try {
+    await api.removeQuarantined(iso.job);
+    toast(`Deleted the quarantined ${iso.name}`, 'ok');
+  } catch (error) {
+    toast(error.message, 'error');
+  }
+  loadIsos();
 }
 
 function drawIsos() {
