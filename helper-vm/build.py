@@ -86,6 +86,10 @@ class HelperBuildError(RuntimeError):
     pass
 
 
+class _DownloadError(HelperBuildError):
+    """apt-get download failed or delivered other bytes than apt's index promised (stale lists)."""
+
+
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     kw.setdefault("check", True)
     kw.setdefault("capture_output", True)
@@ -194,15 +198,18 @@ def _cache_key(packages: list[dict[str, str]]) -> str:
 
 
 def _download(packages: list[dict[str, str]], dest: Path) -> dict[str, Path]:
-    _run(["apt-get", "-o", "APT::Sandbox::User=root", "download",
-          *[f"{p['package']}={p['version']}" for p in packages]], cwd=dest)
+    try:
+        _run(["apt-get", "-o", "APT::Sandbox::User=root", "download",
+              *[f"{p['package']}={p['version']}" for p in packages]], cwd=dest)
+    except HelperBuildError as error:
+        raise _DownloadError(str(error)) from None
     files = {}
     for pkg in packages:
         found = list(dest.glob(f"{pkg['package']}_*.deb"))
         if len(found) != 1:
-            raise HelperBuildError(f"apt-get download left {found} for {pkg['package']}")
+            raise _DownloadError(f"apt-get download left {found} for {pkg['package']}")
         if _sha256_file(found[0]) != pkg["sha256"]:
-            raise HelperBuildError(f"{found[0].name}: sha256 differs from apt's index; run apt-get update")
+            raise _DownloadError(f"{found[0].name}: sha256 differs from apt's index; run apt-get update")
         files[pkg["package"]] = found[0]
     return files
 
@@ -493,6 +500,18 @@ def _write_current(cache_root: Path, key: str) -> None:
     os.replace(temp, cache_root / "current")
 
 
+def _build_entry(packages: list[dict[str, str]], key: str, cache_root: Path, entry: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_root) as temp:
+        out = Path(temp) / "out"
+        out.mkdir()
+        manifest = _build(packages, Path(temp), out)
+        manifest["key"] = key
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.rename(out, entry)
+
+
 def ensure_helper_image(cache_root: Path | None = None) -> Path:
     """Return a complete cache entry for the current packages, building it first if needed."""
     cache_root = Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
@@ -503,18 +522,22 @@ def ensure_helper_image(cache_root: Path | None = None) -> Path:
     if load_entry(entry) is None:
         with open(cache_root / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others then find the entry
-            if load_entry(entry) is None:
+            for attempt in (1, 2):
+                if load_entry(entry) is not None:
+                    break
                 for stale in cache_root.glob(".build-*"):
                     shutil.rmtree(stale, ignore_errors=True)
-                with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_root) as temp:
-                    out = Path(temp) / "out"
-                    out.mkdir()
-                    manifest = _build(packages, Path(temp), out)
-                    manifest["key"] = key
-                    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-                    if entry.exists():
-                        shutil.rmtree(entry)
-                    os.rename(out, entry)
+                try:
+                    _build_entry(packages, key, cache_root, entry)
+                except _DownloadError:
+                    if attempt == 2:
+                        raise
+                    # The .debs in apt's index may have left the archive: refresh the lists and re-key.
+                    _run(["apt-get", "update"])
+                    packages = _resolve_packages(cache_root, allow_update=False)
+                    key = _cache_key(packages)
+                    entry = cache_root / key
+            if load_entry(entry) is not None:
                 entries = sorted((p for p in cache_root.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{32}", p.name)
                                   and p != entry), key=lambda p: p.stat().st_mtime, reverse=True)
                 for old in entries[KEEP_ENTRIES - 1:]:
