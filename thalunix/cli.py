@@ -595,6 +595,8 @@ def _iso_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     add.add_argument("path")
     add.add_argument("--sha256", metavar="HEX", help="the SHA-256 the publisher lists for this file")
     add.add_argument("--copy", action="store_true", help="copy it into the data folder's isos/")
+    add.add_argument("--catalog", metavar="ID", help="the catalog entry this file is (e.g. windows-11, fetched by "
+                                                      "hand): a VM made from it gets that entry's defaults")
     for verb, text in (("pause", "pause a download"), ("resume", "resume a paused or failed download"),
                        ("cancel", "cancel a download and delete its partial file")):
         iso.add_parser(verb, help=text).add_argument("job", help="the download's id (iso list shows it)")
@@ -640,7 +642,7 @@ def _iso(engine: DirectEngine, args: argparse.Namespace) -> int:
         _print(args, rows, "\n".join(lines) if rows else "No ISOs yet: thalunix iso catalog, thalunix iso download ID")
         return 0
     if verb == "add":
-        row = engine.add_iso(args.path, sha256=args.sha256, copy=args.copy)
+        row = engine.add_iso(args.path, sha256=args.sha256, copy=args.copy, catalog_id=args.catalog)
         _print(args, row, f"Added {row['name']} ({row['trust']}, sha256 {row['sha256']})")
         return 0
     action = {"pause": engine.pause_download, "resume": engine.resume_download, "cancel": engine.cancel_download}
