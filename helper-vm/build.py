@@ -393,7 +393,7 @@ def _make_rootfs(roots: dict[str, Path], staging: Path, out: Path) -> dict[str, 
         (staging / LIB_DIR / name).chmod(0o755)
     content = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
     size_kib = (int(content * 1.25) // 1024 // 1024 + 2) * 1024
-    # Fixed time and UUID: the same inputs give the same bytes.
+    # Fixed UUID, hash seed and creation time (inode times still vary: the image is not bit-reproducible).
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"}
     _run(["mke2fs", "-q", "-F", "-t", "ext4", "-O", "^has_journal", "-b", "4096", "-m", "0", "-N", "128",
           "-L", ROOT_LABEL, "-U", "7468616c-756e-4978-8000-000000000001", "-E", "root_owner=0:0,hash_seed="
