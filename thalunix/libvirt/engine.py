@@ -231,12 +231,27 @@ class LibvirtEngine(Engine):
         return _STATES.get(state, "stopped")
 
     def _lifecycle(self, _conn: Any, domain: Any, event: int, detail: int, _opaque: Any) -> None:
+        libvirt = self.libvirt
         try:
             vm_id = domain.UUIDString().replace("-", "")
-            state = self._state(domain)
             name = domain.name()
-        except Exception:  # noqa: BLE001 - a domain undefined meanwhile: nothing to report
+        except Exception:  # noqa: BLE001 - a domain gone meanwhile: nothing to report
             return
+        if event in (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED):
+            # Another tool (or this one) changed the definitions: fronts refresh their lists.
+            self.bus.publish("vm.config", vm=vm_id, name=name, host=self.host.name,
+                             change="defined" if event == libvirt.VIR_DOMAIN_EVENT_DEFINED else "undefined")
+            return
+        state = {libvirt.VIR_DOMAIN_EVENT_STARTED: "running", libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "paused",
+                 libvirt.VIR_DOMAIN_EVENT_RESUMED: "running", libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+                 libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "stopping", libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "paused",
+                 libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed"}.get(event)
+        if state is None:
+            return
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED and detail == libvirt.VIR_DOMAIN_EVENT_STOPPED_CRASHED:
+            state = "crashed"
+        if event == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN and detail == libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_FINISHED:
+            return   # the STOPPED event follows
         if state in ("stopped", "crashed"):
             console = self._consoles.pop(vm_id, None)
             if console is not None:
