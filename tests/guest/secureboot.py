@@ -141,9 +141,11 @@ def _build(pkgs: list[dict[str, str]], kernel: Path, initrd: Path, work: Path, o
     (iso_root / ".disk" / "info").write_text("Thalunix Secure Boot test\n")
     (iso_root / "boot" / "grub" / "grub.cfg").write_text(GRUB_CFG)
     shutil.copyfile(kernel, iso_root / "boot" / "vmlinuz")
-    # Linux reads concatenated cpio archives, each compressed or not: the guest's initrd stays as built.
+    # Linux reads concatenated cpio archives, each compressed or not: the guest's initrd stays as built. An
+    # uncompressed archive is only recognised at a 4-byte aligned offset; the zeros in between are skipped.
+    first = initrd.read_bytes()
     with open(iso_root / "boot" / "initrd.img", "wb") as handle:
-        handle.write(initrd.read_bytes())
+        handle.write(first + b"\0" * (-len(first) % 512))
         handle.write(_efivarfs_cpio(roots[pkgs[2]["package"]]))
 
     efi = iso_root / "boot" / "efi.img"
