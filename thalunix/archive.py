@@ -5,7 +5,7 @@ its size and SHA-256), ``vm.json``, ``disks/…``, ``firmware/…`` (UEFI variab
 ``tpm/…`` (TPM state) and the snapshot metadata. Disks stay small: a raw or
 snapshot-free qcow2 disk is stored as a compressed qcow2 when that is smaller (and turned
 back into a sparse raw image on import); a linked clone's disk is flattened. Members
-are then stored without a second compression (``copy``) unless some are uncompressed.
+are then stored without a second compression (``copy``) unless one could still shrink.
 
 Import extracts into a work folder under ``tmp/``, checks every member against the
 manifest (names, sizes, SHA-256; py7zr checks the CRCs), and only then registers the
@@ -118,7 +118,9 @@ def export_vm(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[
     with WorkFolder(engine.data, f"export-{config.id[:8]}") as work:
         root = work / "vm"
         members: list[dict[str, Any]] = []
-        compressed_only = True
+        # LZMA pays only for members nobody compressed yet that may still shrink (images kept whole for
+        # their internal snapshots); compressed or incompressible disks are stored as they are.
+        lzma_helps = False
         total_virtual = sum(max(1, int(img.info(disks.disk_path(engine, d)).get("virtual-size", 1)))
                             for d in config.disks) or 1
         done = 0
@@ -131,7 +133,7 @@ def export_vm(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[
             span = (60 * done / total_virtual, 60 * (done + size) / total_virtual)
             with job.step(*span, f"preparing disk {disk.id}"):
                 entry = _prepare_disk(engine, disk.id, disk.format, source, root / "disks", stem, job)
-            compressed_only &= entry.pop("compressed")
+            lzma_helps |= entry.pop("lzma_helps")
             members.append(entry)
             done += size
         for folder, kind in (("firmware", "firmware"), ("tpm", "tpm"), ("snapshots", "snapshots")):
@@ -175,8 +177,7 @@ def export_vm(engine: "DirectEngine", config: VMConfig, file: str | os.PathLike[
             nonlocal written
             written += count
             job.update(100 * written / total)
-        # Disks already compressed gain nothing from LZMA but its time: store them as they are.
-        filters = [{"id": py7zr.FILTER_COPY}] if compressed_only else [{"id": py7zr.FILTER_LZMA2, "preset": 1}]
+        filters = [{"id": py7zr.FILTER_LZMA2, "preset": 1}] if lzma_helps else [{"id": py7zr.FILTER_COPY}]
         with job.step(70, 97, "writing the archive"):
             try:
                 with py7zr.SevenZipFile(partial, "w", filters=filters) as archive:
@@ -212,7 +213,7 @@ def _prepare_disk(engine: "DirectEngine", disk_id: str, fmt: str, source: Path, 
     if snapshots and not has_backing:
         # Internal snapshots survive only in the image itself.
         _link_or_copy(source, folder / f"{stem}.qcow2")
-        return {**entry, "path": f"disks/{stem}.qcow2", "stored_format": "qcow2", "compressed": False}
+        return {**entry, "path": f"disks/{stem}.qcow2", "stored_format": "qcow2", "lzma_helps": True}
     compact = folder / f"{stem}.qcow2"
     img.convert(source, compact, "qcow2", fmt, compress=True, progress=lambda pct: job.update(pct),
                 track=job.track)
@@ -220,12 +221,13 @@ def _prepare_disk(engine: "DirectEngine", disk_id: str, fmt: str, source: Path, 
     # Compared with the source's full length, not its allocated blocks: that is what a member costs in the
     # archive and what extracting it writes (zeros and all), while qemu-img makes the raw sparse again on import.
     if has_backing or compact.stat().st_size < source.stat().st_size:
-        return {**entry, "path": f"disks/{stem}.qcow2", "stored_format": "qcow2", "compressed": True,
+        return {**entry, "path": f"disks/{stem}.qcow2", "stored_format": "qcow2", "lzma_helps": False,
                 "dropped_snapshots": [s["name"] for s in snapshots]}
     compact.unlink()
     name = f"{stem}{'.qcow2' if fmt == 'qcow2' else '.img'}"
     _link_or_copy(source, folder / name)
-    return {**entry, "path": f"disks/{name}", "stored_format": fmt, "compressed": False}
+    # Compression did not make it smaller: its data does not compress, LZMA would only cost time.
+    return {**entry, "path": f"disks/{name}", "stored_format": fmt, "lzma_helps": False}
 
 
 # -- import ---------------------------------------------------------------------------------------------
