@@ -102,7 +102,7 @@ function progressText(job) {
     case 'ready': return `Downloaded and verified (${TRUST[job.trust]?.[0]?.toLowerCase() || job.trust})`;
     case 'failed': return `Failed: ${job.error || job.message}`;
     case 'cancelled': return 'Cancelled';
-    case 'quarantined': return `Quarantined: ${job.error || job.message}`;
+    case 'quarantined': return 'Quarantined: it did not verify, so it is not offered for use (the reason is in Your ISOs)';
     default: return job.message || job.state;
   }
 }
@@ -440,7 +440,7 @@ function card(entry) {
   }
   if (ready.length) {
     body.push(h('div', { class: 'card-ready' },
-      h('span', { class: 'ok-text' }, '✓ Downloaded'),
+      h('span', { class: 'ok-text' }, entry.kind === 'manual' ? '✓ ISO added' : '✓ Downloaded'),
       h('button', { type: 'button', class: 'create-vm primary', onclick: () => createVm(presetFor(ready[0])) }, 'Create a VM')));
   }
   return h('article', { class: 'os-card', dataset: { entry: entry.id, kind: entry.kind, trust: entry.trust,
