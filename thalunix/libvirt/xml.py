@@ -225,6 +225,7 @@ def new_domain_xml(config: VMConfig, domain_type: str, network: str | None = Non
                      disks=[], cdroms=[], boot_order=[], nics=[], serial=False, tpm="off", usb_tablet=False)
     blank.display.kind, blank.display.vga = "none", "none"
     blank.accel = config.accel
+    ensure_metadata(root)
     apply_changes(root, blank, config, network=network, domain_type=domain_type)
     return root
 
@@ -323,7 +324,8 @@ def apply_changes(root: ET.Element, old: VMConfig, new: VMConfig, network: str |
         if new.usb_tablet:
             _device(devices, "input", type="tablet", bus="usb")
         touched.append("usb_tablet")
-    if new.os != old.os or new.tpm != old.tpm or new.created != old.created or _meta(root) is None:
+    # A foreign domain gets Thalunix's metadata only when a value that lives nowhere else changes.
+    if new.os != old.os or new.tpm != old.tpm or (_meta(root) is not None and new.created != old.created):
         meta = ensure_metadata(root)
         for name, value in (("os", new.os), ("tpm", new.tpm), ("created", new.created)):
             element = meta.find(f"{_T}{name}")
