@@ -71,7 +71,7 @@ def firmware_files(config: VMConfig, runtime: Runtime) -> tuple[Path, Path]:
         roles = (("code", fw.code, "firmware code"), ("vars", fw.vars, "variable template"))
     missing = [(role, what) for role, path, what in roles if not path]
     if missing:
-        names = "; ".join(f"{' or '.join(OVMF_NAMES[role][:2])} ({what})" for role, what in missing)
+        names = " and ".join(f"{' or '.join(OVMF_NAMES[role][:2])} ({what})" for role, what in missing)
         where = fw.searched.replace(os.pathsep, ", ") if fw.searched else "the firmware folders"
         fix = ("install OVMF (Debian/Ubuntu: apt install ovmf; Fedora: edk2-ovmf) or use the portable Thalunix "
                "build, which carries it" if runtime.source == "system" else
