@@ -65,12 +65,21 @@ def require_stopped(engine: "DirectEngine", config: VMConfig, what: str) -> None
         raise ConflictError(f"{config.label} is {state}; stop it before you {what}")
 
 
+def refuse_if_busy(engine: "DirectEngine", config: VMConfig, job: Job | None = None) -> None:
+    """Refuse while a job (other than ``job``) is reading or rewriting this VM's images."""
+    busy = engine.jobs.busy(config)
+    if busy is not None and busy is not job:
+        raise ConflictError(f"{config.label} is busy with {busy.title} (job {busy.id}); wait for it to finish "
+                            "or cancel it")
+
+
 @contextlib.contextmanager
-def exclusive(engine: "DirectEngine", config: VMConfig) -> Iterator[None]:
+def exclusive(engine: "DirectEngine", config: VMConfig, job: Job | None = None) -> Iterator[None]:
     """Hold the VM's lock while its images are rewritten, so no other Thalunix starts it meanwhile.
 
     A running VM's lock is already held by its session (here or elsewhere); then nothing changes.
     """
+    refuse_if_busy(engine, config, job)
     if is_running(engine, config):
         yield
         return
@@ -204,6 +213,7 @@ def add_disk(engine: "DirectEngine", config: VMConfig, size: str | int | None = 
     if bus not in DISK_BUSES:
         raise ValidationError(f"bus {bus!r} is unknown; choose one of {', '.join(DISK_BUSES)}", "bus")
     config = reload(engine, config)
+    refuse_if_busy(engine, config)
     running = is_running(engine, config)
     if running:
         _check_hotplug_bus(config, bus)
@@ -250,6 +260,7 @@ def add_disk(engine: "DirectEngine", config: VMConfig, size: str | int | None = 
 def remove_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, delete_file: bool = False) -> dict[str, Any]:
     """Take a disk off the VM (unplugging it if running); ``delete_file`` also erases an image in the VM's folder."""
     config = reload(engine, config)
+    refuse_if_busy(engine, config)
     disk = find_disk(config, disk_id)
     path = disk_path(engine, disk)
     if delete_file and engine.data.vm_dir(config.id) in path.parents:
@@ -342,6 +353,7 @@ def resize_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, size: st
                 force_shrink: bool = False) -> dict[str, Any]:
     """Grow a disk (also while running); shrinking only when stopped and with ``force_shrink``."""
     config = reload(engine, config)
+    refuse_if_busy(engine, config)
     disk = find_disk(config, disk_id)
     path = disk_path(engine, disk)
     target = parse_size(size, field="size", default_unit="G")
@@ -431,6 +443,7 @@ def convert_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, fmt: st
 def check_disk(engine: "DirectEngine", config: VMConfig, disk_id: str, repair: str | None = None) -> dict[str, Any]:
     """``qemu-img check`` (and repair: ``leaks`` or ``all``) of a stopped VM's qcow2 disk."""
     config = reload(engine, config)
+    refuse_if_busy(engine, config)
     disk = find_disk(config, disk_id)
     if disk.format != "qcow2":
         raise ValidationError(f"{config.label}: disk {disk.id} is raw, which has no metadata to check; only "

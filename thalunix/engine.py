@@ -593,7 +593,7 @@ class DirectEngine(Engine):
         def run(job: Any) -> Any:
             if config is None or not lock:
                 return work(job)
-            with disks.exclusive(self, config):
+            with disks.exclusive(self, config, job):
                 return work(job)
         job = self.jobs.start(kind, run, vm=config, title=title, wait=wait)
         return job.to_dict()
@@ -791,4 +791,7 @@ class DirectEngine(Engine):
         with contextlib.suppress(Exception):
             if stop_vms:
                 self.supervisor.stop_all()
+        if not stop_vms:
+            from thalunix.qemu.winjob import default_job
+            default_job().leave_running()   # Windows: a deliberate leave keeps the VMs (a crash does not)
         self.supervisor.detach_all()

@@ -4,6 +4,7 @@ offline snapshots, clones (TPM fresh or copied) and export/import. Plus the job 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -125,16 +126,25 @@ def test_export_import_keeps_snapshots_tpm_variables_and_sparseness(engine: Dire
 
 
 def test_job_verbs(engine: DirectEngine, tmp_path: Path) -> None:
-    engine.create(CreateOptions(name="jobs", ram="128M", cpus=1, firmware="bios", tpm="off", disk="64M"))
+    engine.create(CreateOptions(name="jobs", ram="128M", cpus=1, firmware="bios", tpm="off", disk="512M",
+                                disk_format="raw"))
+    with open(engine.data.resolve(engine.get("jobs").disks[0].path), "r+b") as handle:
+        for _ in range(4):   # 256 MiB that does not compress: the export's compression takes seconds
+            handle.write(os.urandom(64 << 20))
     job = engine.export("jobs", str(tmp_path / "jobs.7z"))
-    assert job["state"] in ("running", "done") and job["kind"] == "vm.export" and job["vm_name"] == "jobs"
-    if engine.job(job["id"])["state"] == "running":
+    assert job["state"] == "running" and job["kind"] == "vm.export" and job["vm_name"] == "jobs"
+    # While it runs, nothing else may touch the VM's images.
+    with pytest.raises(ConflictError, match="busy"):
+        engine.clone("jobs", "jobs-2")
+    with pytest.raises(ConflictError, match="busy"):
+        engine.start("jobs")   # QEMU must not open images being read or rewritten
+    for verb in (lambda: engine.snapshot_create("jobs", "mid"), lambda: engine.disk_resize("jobs", "disk0", "1G"),
+                 lambda: engine.disk_add("jobs", size="1G")):
         with pytest.raises(ConflictError, match="busy"):
-            engine.clone("jobs", "jobs-2")
-        with pytest.raises(ConflictError, match="busy"):
-            engine.start("jobs")   # QEMU must not open images being read or rewritten
+            verb()
     finished = engine.jobs.wait(job["id"], 120)
     assert finished["state"] == "done" and finished["percent"] == 100, finished
+    assert engine.job(job["id"])["state"] == "done"   # the busy refusals above left the job alone
     assert job["id"] in {j["id"] for j in engine.jobs_list()}
     with pytest.raises(ConflictError, match="already done"):
         engine.job_cancel(job["id"])
