@@ -791,4 +791,7 @@ class DirectEngine(Engine):
         with contextlib.suppress(Exception):
             if stop_vms:
                 self.supervisor.stop_all()
+        if not stop_vms:
+            from thalunix.qemu.winjob import default_job
+            default_job().leave_running()   # Windows: a deliberate leave keeps the VMs (a crash does not)
         self.supervisor.detach_all()

@@ -33,8 +33,13 @@ def spawn(argv: list[str], cwd: Path, log: IO[bytes], env: dict[str, str] | None
     else:
         kwargs["start_new_session"] = True
         kwargs["pass_fds"] = pass_fds
-    return subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                             close_fds=True, **kwargs)
+    if os.name == "nt":
+        # Windows: into the kill-on-close job, so a crashed Thalunix leaves no VM behind (see winjob).
+        from thalunix.qemu.winjob import default_job
+        default_job().adopt(proc)
+    return proc
 
 
 def start_token(pid: int) -> str:
