@@ -102,7 +102,7 @@ def _to_host(direct: "DirectEngine", config: VMConfig, target: "LibvirtEngine", 
             made.append(volume)
             with job.step(90 * index / count, 90 * (index + 1) / count, f"uploading {disk.id} ({source.name})"):
                 checksums[disk.id] = target.upload(volume, source, progress=lambda p: job.update(p),
-                                                   cancelled=job.cancelled)
+                                                   cancelled=lambda: bool(job.cancelled))
             paths[disk.id] = str(volume.path())
         job.check_cancelled()
         origins: dict[str, str] = {}
