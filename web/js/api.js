@@ -53,6 +53,9 @@ export const typeConsole = (id, data) => call('POST', vmPath(id, '/console'), { 
 export const vncInfo = (id) => call('GET', vmPath(id, '/vnc'));
 export const readLog = (id, kind) => call('GET', vmPath(id, `/log?kind=${encodeURIComponent(kind)}&tail=262144`));
 export const listIsos = () => call('GET', '/api/isos');
+export const win11Setup = () => call('GET', '/api/win11-setup');
+export const firmwareInfo = (id) => call('GET', vmPath(id, '/firmware'));
+export const resetFirmware = (id) => call('POST', vmPath(id, '/firmware/reset'));
 export const addIso = (body) => call('POST', '/api/isos', body);
 export const catalog = () => call('GET', '/api/catalog');
 export const listDownloads = () => call('GET', '/api/downloads');

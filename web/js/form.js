@@ -12,7 +12,7 @@
  *   form.usePath('/home/me/debian.iso');
  */
 import * as api from './api.js';
-import { h, parseRamMib } from './ui.js';
+import { confirmAction, h, parseRamMib, toast } from './ui.js';
 
 const OS_CHOICES = [['linux', 'Linux'], ['windows', 'Windows (10 or older)'], ['windows11', 'Windows 11'],
                     ['bsd', 'BSD'], ['other', 'Other']];
@@ -115,6 +115,21 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
   const cpus = h('input', { id: 'cpus', name: 'cpus', type: 'number', min: 1, max: 255, value: vm?.cpus ?? 2 });
   const firmware = select('firmware', FIRMWARE_CHOICES, vm?.firmware || 'uefi');
   const tpm = select('tpm', TPM_CHOICES, vm?.tpm || 'auto');
+  // "Windows 11 setup" (new VMs, OS Windows 11): an answer-file drive that lets Setup skip its TPM,
+  // Secure Boot and RAM checks; on by default where the host cannot emulate a TPM (GET /api/win11-setup).
+  const win11 = editing ? null : h('input', { type: 'checkbox', id: 'win11_setup', name: 'win11_setup' });
+  const win11Why = h('p', { class: 'hint', id: 'win11-why' });
+  const win11Field = editing ? null : field('win11_setup', 'Windows 11 setup', h('div', {},
+    h('label', { class: 'check' }, win11, ' Let Windows 11 Setup skip its TPM, Secure Boot and RAM checks'), win11Why));
+  if (win11Field) win11Field.hidden = true;
+  // Resetting the UEFI variables (settings of a stopped UEFI VM): POST /api/vms/{id}/firmware/reset.
+  const running = editing && !['stopped', 'crashed'].includes(vm.state);
+  const resetFirmware = editing ? h('button', { type: 'button', id: 'reset-firmware', disabled: running },
+                                    'Reset firmware settings') : null;
+  const resetNote = h('p', { class: 'hint', id: 'reset-firmware-note' }, running
+    ? 'Shut the VM down to reset its firmware settings.'
+    : 'Forgets the UEFI boot entries, enrolled Secure Boot keys and firmware settings; the next start begins ' +
+      'from the firmware’s defaults. The disks are not touched.');
   const display = select('display', DISPLAY_CHOICES, vm?.display?.kind || 'vnc');
   const network = select('network', NETWORK_CHOICES, nic?.mode || (vm && !nic ? 'none' : 'user'));
   const nicModel = select('nic_model', NIC_MODELS, nic?.model || 'virtio-net-pci');
@@ -161,6 +176,7 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
     h('fieldset', {}, h('legend', {}, 'Basics'),
       field('name', 'Name', name),
       field('os', 'Operating system', os, 'Tunes defaults such as the TPM and clock for this kind of guest.'),
+      win11Field,
       field('iso', 'Installer ISO (CD drive)', h('div', { class: 'row' }, iso, pickIso, clearIso, isoChoices),
             bridge() ? null : 'Type the full path, or drag the file from your file manager onto this window.')),
     h('fieldset', {}, h('legend', {}, 'Disk'),
@@ -173,6 +189,8 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
       h('div', { class: 'grid2' },
         field('firmware', 'Firmware', firmware),
         field('tpm', 'TPM (security chip)', tpm, 'Windows 11 needs one.')),
+      editing && vm.firmware !== 'bios'
+        ? field('firmware_reset', 'Firmware settings (UEFI variables)', h('div', {}, resetFirmware, resetNote)) : null,
       field('display', 'Screen', display)),
     h('fieldset', {}, h('legend', {}, 'Network'),
       field('network', 'Connection', network),
@@ -200,6 +218,38 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
     }
   });
   clearIso.addEventListener('click', () => { iso.value = ''; iso.focus(); });
+  let win11Known = false;
+  const updateWin11 = () => { if (win11Field) win11Field.hidden = os.value !== 'windows11'; };
+  if (win11) {
+    win11.addEventListener('change', () => { win11Known = true; });
+    form.addEventListener('change', updateWin11);
+    setTimeout(updateWin11, 0);   // after a catalog preset has filled the form in
+    api.win11Setup().then((info) => {
+      if (!win11Known) win11.checked = info.default;
+      win11Known = true;
+      win11Why.textContent = info.tpm_emulation
+        ? `${info.about} This host can emulate a TPM, so it is only needed when the VM’s TPM is off.`
+        : `This host cannot emulate a TPM (${info.reason}), so Windows 11 Setup would stop at its hardware check. ` +
+          info.about;
+    }).catch(() => {});
+  }
+  resetFirmware?.addEventListener('click', async () => {
+    const sure = await confirmAction({
+      title: `Reset the firmware settings of ${vm.name}?`, ok: 'Reset',
+      text: 'The VM forgets its UEFI boot entries, enrolled Secure Boot keys and firmware settings; the next start ' +
+            'begins from the firmware’s defaults. The old settings are kept as vars.qcow2.prev. The disks are not touched.' });
+    if (!sure) return;
+    resetFirmware.disabled = true;
+    try {
+      const result = await api.resetFirmware(vm.id);
+      resetNote.textContent = result.note;
+      toast(`${vm.name}: ${result.note}`, 'ok');
+    } catch (error) {
+      showError('firmware_reset', error.message);
+    } finally {
+      resetFirmware.disabled = false;
+    }
+  });
   let nameTouched = editing;
   name.addEventListener('input', () => { nameTouched = true; });
 
@@ -209,6 +259,7 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
     const guessed = guessOs(path);
     if (guessed && !editing) {
       os.value = guessed;
+      updateWin11();
       if (guessed === 'windows11') { firmware.value = 'uefi-secure'; tpm.value = 'auto'; }
     }
   };
@@ -280,6 +331,7 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
       body.disk = '';   // explicitly none: an ISO from the catalog would otherwise bring its default disk
     }
     if (boot.value) body.boot = boot.value.split(',');
+    if (os.value === 'windows11' && win11Known) body.win11_setup = win11.checked;
     if (network.value === 'none' && body.forwards.length) {
       throw Object.assign(new Error('A VM without network cannot forward ports; remove the forwards or pick NAT'),
                           { field: 'forwards' });
