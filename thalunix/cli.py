@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     firmware.add_argument("action", nargs="?", choices=("show", "reset"), default="show",
                           help="reset: forget boot entries and enrolled keys (the VM must be stopped)")
     _iso_parsers(commands, common)
+    from thalunix.libvirt.cli import add_parsers as _host_parsers   # host …, vm move, --host on vm verbs
+    _host_parsers(commands, common, vm)
     return parser
 
 
@@ -150,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = DirectEngine.open(args.data_dir)
         from thalunix.bundle import prepare
         prepare(engine.data)   # the portable exe: temp files in the data folder, its runtime unpacked once
+        from thalunix.libvirt import cli as host_cli
+        if host_cli.wants(args):
+            return host_cli.run(engine, args)
         return _dispatch(engine, args)
     except ThalunixError as error:
         if args.json:

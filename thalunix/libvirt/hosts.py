@@ -206,7 +206,8 @@ def classify(error: BaseException, host: Host) -> HostConnectionError:
     if code in auth_codes or "authentication" in lowered or "permission denied (publickey" in lowered \
             or "permission denied, please try again" in lowered or "host key verification failed" in lowered:
         return HostConnectionError(f"{host.label}: authentication failed ({text}); check the user name in the "
-                                   "URI and that your SSH key (or SASL credentials) is accepted by the host",
+                                   "URI and that your SSH key is in the host's authorized_keys (for qemu+tcp: the "
+                                   "SASL user and password)",
                                    "authentication")
     if "no connection driver available" in lowered or (libvirt is not None and code == libvirt.VIR_ERR_NO_CONNECT
                                                         and "qemu" in lowered and "driver" in lowered):
