@@ -34,6 +34,10 @@ TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under 
                  "tpm2-tools", "zstd", "lz4",   # TPM tests: NV through the helper; helper-vm/build.py
                  "chromium",                    # UI tests: Playwright drives the system's Chromium
                  "curl"]                        # bench/download.py's baseline
+# libvirt tests: two real libvirtds (one reached over qemu+ssh in a network namespace); libvirt-python (extra
+# `libvirt`) builds from source against libvirt-dev, with pkg-config, gcc and python3-dev from RUN_PACKAGES.
+TEST_PACKAGES += ["libvirt-daemon-system", "libvirt-clients", "libvirt-daemon-driver-qemu", "libvirt-dev",
+                  "openssh-server", "openssh-client", "iproute2"]
 
 
 def _guest_packages() -> list[str]:

@@ -4,6 +4,8 @@ BIOS and UEFI (where the UEFI variable store, node fw-vars, is part of every sna
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from disks.conftest import boot, run, shell
@@ -58,3 +60,30 @@ def test_offline_and_live_snapshots_bring_back_disk_and_memory(engine: DirectEng
     for disk in engine.disks(name):
         report = engine.disk_check(name, disk["id"])
         assert report["clean"], report
+
+
+# TPM2_PCR_Extend of PCR 16 (the debug PCR) with a SHA-256 digest of 0x11 bytes, password session: 65 bytes.
+PCR_EXTEND = ("printf '\\x80\\x02\\x00\\x00\\x00\\x41\\x00\\x00\\x01\\x82\\x00\\x00\\x00\\x10\\x00\\x00\\x00\\x09"
+              "\\x40\\x00\\x00\\x09\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x01\\x00\\x0b" + "\\x11" * 32 +
+              "' > /tmp/extend.bin")
+SEND_EXTEND = ("exec 3<>/dev/tpm0; cat /tmp/extend.bin >&3; dd bs=4096 count=1 <&3 2>/dev/null | od -An -tx1 "
+               "| tr -d ' \\n' > /tmp/response; exec 3>&-")
+
+
+@pytest.mark.skipif(not shutil.which("swtpm"), reason="swtpm is not installed")
+def test_live_revert_brings_back_the_tpm_state(engine: DirectEngine, make_vm) -> None:
+    """QEMU's TPM emulator carries swtpm's state in the memory state: a PCR extended after the snapshot is
+    back to its value at the snapshot after a live revert."""
+    make_vm("tpm-live", tpm="native", disk="32M")
+    boot(engine, "tpm-live")
+    shell(engine, "tpm-live", PCR_EXTEND)
+    shell(engine, "tpm-live", SEND_EXTEND)
+    assert run(engine, "tpm-live", "cat /tmp/response") == "80020000001300000000000000000000010000"
+    at_snapshot = run(engine, "tpm-live", "cat /sys/class/tpm/tpm0/pcr-sha256/16")
+    assert at_snapshot.strip("0")   # extended once: no longer all zeros
+    engine.snapshot_create("tpm-live", "one-extend", live=True)
+    shell(engine, "tpm-live", SEND_EXTEND)
+    assert run(engine, "tpm-live", "cat /sys/class/tpm/tpm0/pcr-sha256/16") != at_snapshot
+    engine.snapshot_revert("tpm-live", "one-extend")
+    assert run(engine, "tpm-live", "cat /sys/class/tpm/tpm0/pcr-sha256/16") == at_snapshot
+    engine.stop("tpm-live", force=True)

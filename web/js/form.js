@@ -242,7 +242,7 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
     resetFirmware.disabled = true;
     try {
       const result = await api.resetFirmware(vm.id);
-      resetNote.textContent = result.note;
+      resetNote.textContent = result.note.charAt(0).toUpperCase() + result.note.slice(1) + '.';
       toast(`${vm.name}: ${result.note}`, 'ok');
     } catch (error) {
       showError('firmware_reset', error.message);
