@@ -94,6 +94,15 @@ class Engine:
     def send_serial(self, name: str, data: bytes) -> None: raise NotImplementedError
     def serial_output(self, name: str) -> bytes: raise NotImplementedError
     def read_log(self, name: str, kind: str = "events", tail: int = 1 << 20) -> str: raise NotImplementedError
+    # Also offered by the libvirt engine (thalunix.libvirt.engine.LibvirtEngine):
+    def describe(self, name: str) -> dict[str, Any]: raise NotImplementedError
+    def snapshots(self, name: str) -> dict[str, Any]: raise NotImplementedError
+    def snapshot_create(self, name: str, snapshot: str, description: str = "",
+                        live: bool | None = None) -> dict[str, Any]: raise NotImplementedError
+    def snapshot_revert(self, name: str, snapshot: str) -> dict[str, Any]: raise NotImplementedError
+    def snapshot_delete(self, name: str, snapshot: str) -> dict[str, Any]: raise NotImplementedError
+    def clone(self, name: str, new_name: str, linked: bool = False, tpm: str = "fresh",
+              wait: bool = False) -> dict[str, Any]: raise NotImplementedError
     def isos(self) -> list[dict[str, Any]]: raise NotImplementedError
     def catalog(self) -> list[dict[str, Any]]: raise NotImplementedError
     def list_isos(self) -> list[dict[str, Any]]: raise NotImplementedError
