@@ -9,3 +9,7 @@ import pytest
 def secureboot_iso(guest):
     from guest.secureboot import ensure_secureboot_iso
     return ensure_secureboot_iso().iso
+
+
+# The UI tests' fixtures (the real API server and Debian's Chromium through Playwright), for test_ui_firmware.py.
+from ui.conftest import browser, ui, ui_server  # noqa: E402,F401
