@@ -234,15 +234,20 @@ def _prepare_disk(engine: "DirectEngine", disk_id: str, fmt: str, source: Path, 
 class _HashingWriter(py7zr.io.Py7zIO):
     """Where py7zr writes one member: a file in the work folder, hashed on the way, with progress."""
 
-    def __init__(self, path: Path, on_write: Callable[[int], None]) -> None:
+    def __init__(self, path: Path, limit: int, on_write: Callable[[int], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.limit = limit
         self.handle = open(path, "wb")
         self.digest = hashlib.sha256()
         self.written = 0
         self._on_write = on_write
 
     def write(self, s: bytes | bytearray) -> int:
+        if self.written + len(s) > self.limit:
+            # More than the manifest says: a damaged or hostile archive must not fill the disk.
+            raise ArchiveError(f"archive member {self.path.name} is larger than its manifest says; the archive "
+                               "is damaged; nothing was imported")
         self.handle.write(s)
         self.digest.update(s)
         self.written += len(s)
@@ -267,7 +272,7 @@ class _HashingWriter(py7zr.io.Py7zIO):
 
 
 class _Factory(py7zr.io.WriterFactory):
-    def __init__(self, root: Path, allowed: set[str], on_write: Callable[[int], None], job: Job) -> None:
+    def __init__(self, root: Path, allowed: dict[str, int], on_write: Callable[[int], None], job: Job) -> None:
         self.root, self.allowed, self.on_write, self.job = root, allowed, on_write, job
         self.writers: dict[str, _HashingWriter] = {}
 
@@ -275,7 +280,7 @@ class _Factory(py7zr.io.WriterFactory):
         self.job.check_cancelled()
         if filename not in self.allowed:
             raise ArchiveError(f"archive member {filename!r} is not in its manifest")
-        writer = _HashingWriter(self.root / filename, self.on_write)
+        writer = _HashingWriter(self.root / filename, self.allowed[filename], self.on_write)
         self.writers[filename] = writer
         return writer
 
@@ -365,7 +370,7 @@ def import_vm(engine: "DirectEngine", file: str | os.PathLike[str], job: Job, na
             nonlocal written
             written += count
             job.update(100 * written / total)
-        factory = _Factory(root, set(members), wrote_some, job)
+        factory = _Factory(root, {path: m["size"] for path, m in members.items()}, wrote_some, job)
         with job.step(0, 80, f"extracting and verifying {source.name}"):
             try:
                 with py7zr.SevenZipFile(source, "r") as archive:

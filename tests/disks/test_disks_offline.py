@@ -116,6 +116,25 @@ def test_import_refuses_foreign_and_damaged_files(engine: DirectEngine, tmp_path
         engine.import_vm(str(foreign))
     with pytest.raises(ValidationError, match="does not exist"):
         engine.import_vm(str(tmp_path / "missing.7z"))
+    # A manifest that under-states a member's size (a bomb) or names a path outside the VM is refused.
+    from thalunix.model import VMConfig
+    config = VMConfig(name="bomb")
+    config.set_defaults()
+    for members, content, expected in (
+            ([{"path": "vm.json", "size": 10, "sha256": "0" * 64}], b"x" * (5 << 20), "larger than its manifest"),
+            ([{"path": "../evil", "size": 1, "sha256": "0" * 64}], b"x", "cannot hold")):
+        hostile = tmp_path / "hostile.7z"
+        hostile.unlink(missing_ok=True)
+        with py7zr.SevenZipFile(hostile, "w") as made:
+            made.writestr(json.dumps({"format": "thalunix-vm-export", "version": 1, "vm": config.to_dict(),
+                                      "members": members}), "manifest.json")
+            made.writestr(content, "vm.json")
+        try:
+            job = engine.import_vm(str(hostile), wait=True)
+        except ThalunixError as error:
+            assert expected in str(error)
+        else:
+            assert job["state"] == "failed" and expected in job["error"], job
     assert engine.list() == []
     assert not [p for p in engine.data.tmp_dir.iterdir() if p.name.startswith("work-")]
 
