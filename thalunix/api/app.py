@@ -355,6 +355,8 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
     # -- the rest ---------------------------------------------------------------------------------------
     from thalunix.api import downloads   # catalog, ISOs, downloads (it imports this module's helpers)
     downloads.add_routes(app, engine)
+    from thalunix.api import hosts   # libvirt hosts: /api/hosts, /api/hosts/{host}/vms/…, /api/vms/{name}/move
+    hosts.add_routes(app, engine)
 
     @app.get("/api/doctor")
     @api

@@ -130,6 +130,7 @@ def _operation(operation_id: str, summary: str, ok: dict[str, Any], *, status: s
 def openapi_document() -> dict[str, Any]:
     # Imported here: the route module builds on this one's helpers.
     from thalunix.api.downloads import openapi_paths as download_paths, openapi_schemas as download_schemas
+    from thalunix.api.hosts import openapi_paths as host_paths, openapi_schemas as host_schemas
     vm_ok = _json(_ref("VMDetail"), "The VM's settings and state")
     status_ok = _json(_ref("VMStatus"), "The VM's state after the action")
     create_properties = dataclass_properties(CreateOptions)
@@ -222,6 +223,7 @@ def openapi_document() -> dict[str, Any]:
                 "win11_setup", "Whether this host can emulate a TPM, and the default of the Windows 11 setup option",
                 _json(_ref("Win11Setup"), "The option's default here and why"))},
             **download_paths(),
+            **host_paths(),
             "/api/doctor": {"get": _operation(
                 "doctor", "What Thalunix found on this host (QEMU, accelerators, firmware, data folder)",
                 _json({"type": "object", "additionalProperties": True}, "The doctor's report"))},
@@ -299,6 +301,7 @@ def openapi_document() -> dict[str, Any]:
                     "default": {"type": "boolean"}, "about": {"type": "string"},
                     "keys": {"type": "array", "items": {"type": "string"}}}},
                 **download_schemas(),
+                **host_schemas(),
                 "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
             },
         },

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -275,11 +276,18 @@ def _checked(connection: Any, host: Host) -> Any:
     return connection
 
 
+#: A host that just failed answers with the same error for this long, so a front refreshing its list does not
+#: wait a whole connect timeout for every refresh of an unreachable host.
+RETRY_AFTER = 10.0
+
+
 @dataclass
 class _Slot:
     connection: Any = None
     engine: "LibvirtEngine | None" = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    failure: HostConnectionError | None = None
+    failed_at: float = 0.0
 
 
 class HostManager:
@@ -303,7 +311,15 @@ class HostManager:
                 return slot.engine
             if slot.engine is not None:
                 slot.engine.close()
-            slot.engine = LibvirtEngine(host, connect(host, self.timeout), self.bus, self.data)
+                slot.engine = None
+            if slot.failure is not None and time.monotonic() - slot.failed_at < RETRY_AFTER:
+                raise slot.failure
+            try:
+                slot.engine = LibvirtEngine(host, connect(host, self.timeout), self.bus, self.data)
+            except HostConnectionError as error:
+                slot.failure, slot.failed_at = error, time.monotonic()
+                raise
+            slot.failure = None
             return slot.engine
 
     def overview(self, timeout: float | None = None) -> list[dict[str, Any]]:
@@ -326,7 +342,6 @@ class HostManager:
         for thread in threads:
             thread.start()
         limit = (timeout or self.timeout) + 5
-        import time
         deadline = time.monotonic() + limit
         for thread, row in zip(threads, rows):
             thread.join(max(0.0, deadline - time.monotonic()))
