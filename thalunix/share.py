@@ -87,12 +87,15 @@ class _Connection:
         self.reader: IO[bytes] = sock.makefile("rb")
 
     def run(self) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while not self.server.closed:
-                if not self.handle_one():
-                    return
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        try:
+            while not self.server.closed and self.handle_one():
+                pass
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.reader.close()
+                self.sock.close()
 
     def _read_head(self) -> tuple[str, str, dict[str, str]] | None:
         line = self.reader.readline(_MAX_HEADER)
