@@ -140,8 +140,8 @@ class HostList:
         raise NotFoundError(f"no host named {name!r} (known: {known}); add it with `thalunix host add NAME URI`")
 
     def add(self, name: str, uri: str, network: str | None = None, pool: str | None = None) -> Host:
-        host = Host(name=validate_host_name(name), uri=validate_uri(uri), network=network or None,
-                    pool=pool or "thalunix")
+        host = Host(name=validate_host_name(name), uri=validate_uri(uri), network=network,
+                    pool="thalunix" if pool is None else pool)
         if host.network is not None and not _NAME.match(host.network):
             raise ValidationError(f"network: {network!r} is not a libvirt network name", "network")
         if not _NAME.match(host.pool):

@@ -45,6 +45,9 @@ BOOT_DEVS = {"disk": "hd", "cdrom": "cdrom", "network": "network"}
 OWNED_DEVICES = ("disk", "interface", "graphics", "video", "serial", "console", "tpm", "input")
 #: Top-level elements Thalunix reads and writes.
 OWNED_TOP = ("name", "uuid", "memory", "currentMemory", "vcpu", "os", "devices", "metadata", "features")
+#: Elements libvirt adds to every domain by itself (kept like everything else, but not listed as unmodelled).
+LIBVIRT_DEFAULTS = {"devices/emulator", "devices/controller", "devices/audio", "on_poweroff", "on_reboot",
+                    "on_crash", "resource", "seclabel", "pm"}
 _UNITS = {"b": 1, "bytes": 1, "kb": 1000, "k": 1024, "kib": 1024, "mb": 10**6, "m": 1 << 20, "mib": 1 << 20,
           "gb": 10**9, "g": 1 << 30, "gib": 1 << 30, "tb": 10**12, "t": 1 << 40, "tib": 1 << 40}
 
@@ -174,8 +177,11 @@ def config_from_xml(root: ET.Element, host_ram_mib: int | None = None) -> Domain
     if config.tpm == "off" and meta is not None and meta_text("tpm", "off") == "auto":
         config.tpm = "auto"
     config.usb_tablet = any(i.get("type") == "tablet" for i in devices.findall("input"))
-    unmodeled = [f"devices/{child.tag}" for child in devices if child.tag not in OWNED_DEVICES]
+    unmodeled = [f"devices/{child.tag}" for child in devices if child.tag not in OWNED_DEVICES
+                 and not (child.tag == "memballoon" and child.get("model") == "none")]
     unmodeled += [child.tag for child in root if child.tag not in OWNED_TOP]
+    # What libvirt fills in on every domain is not worth a "read-only" mark; it is kept all the same.
+    unmodeled = [item for item in unmodeled if item not in LIBVIRT_DEFAULTS]
     features = root.find("features")
     if features is not None:
         unmodeled += [f"features/{child.tag}" for child in features if child.tag not in ("acpi", "apic", "smm")]

@@ -18,6 +18,7 @@ import { VncScreen } from './screen.js';
 import { SerialTerminal } from './terminal.js';
 import { icon } from './icons.js';
 import { initTheme } from './theme.js';
+import * as hosts from './hosts.js';
 import { confirmAction, formatRam, h, pathFromFileUrl, toast } from './ui.js';
 
 const THUMBNAIL_SECONDS = 5;
@@ -166,6 +167,7 @@ api.events({
   'job.progress': (event) => downloads.onProgress(event),
   down: () => setConnection('down', 'Reconnecting…'),
   'vm.state': (event) => {
+    if (event.host) { hosts.onEvent(event); return; }   // a libvirt host's VM: the hosts panel shows it
     const vm = vms.get(event.vm);
     if (!vm) { loadList(); return; }
     const before = vm.state;
@@ -173,7 +175,7 @@ api.events({
     renderList();
     if (before !== event.state) stateChanged(event.vm, event.state, before);
   },
-  'vm.config': () => loadList(),
+  'vm.config': (event) => { if (event.host) hosts.onEvent(event); else loadList(); },
   'vm.serial': (event) => {
     if (current?.id !== event.vm) return;
     current.terminal?.feed(event.data);
@@ -604,6 +606,7 @@ function markBridge() {
 window.addEventListener('pywebviewready', markBridge);
 markBridge();
 initTheme(document.getElementById('theme'));
+hosts.initHosts(document.getElementById('hosts-panel'));
 document.getElementById('new-vm').addEventListener('click', () => { closeVm(); go('#/new'); });
 downloads.initDownloads({ nav: document.getElementById('nav-downloads'),
                           onCreateVm: (preset) => { pendingPreset = preset; go('#/new'); } });
