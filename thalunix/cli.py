@@ -132,7 +132,8 @@ def _vm_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     parser.add_argument("--machine", choices=MACHINES, default=default("q35"))
     parser.add_argument("--accel", choices=ACCELERATORS, default=default("auto"))
     parser.add_argument("--display", choices=DISPLAYS, default=default("vnc"))
-    parser.add_argument("--disk-bus", choices=DISK_BUSES, default=default("virtio"))
+    parser.add_argument("--disk-bus", choices=DISK_BUSES, default=None,
+                        help="disk bus (default: virtio; SATA for Windows guests)")
     parser.add_argument("--boot", help=f"boot order, comma-separated from {', '.join(BOOT_DEVICES)}")
 
 
@@ -202,7 +203,7 @@ def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:
     if verb == "create":
         config = engine.create(CreateOptions(
             name=args.name, iso=args.iso, ram=args.ram, cpus=args.cpus, disk=args.disk, disk_format=args.disk_format,
-            disk_bus=args.disk_bus, firmware=args.firmware, tpm=args.tpm, forwards=args.forward or [], os=args.os,
+            disk_bus=args.disk_bus or "", firmware=args.firmware, tpm=args.tpm, forwards=args.forward or [], os=args.os,
             machine=args.machine, accel=args.accel, display=args.display, boot=_boot(args.boot),
             win11_setup=args.win11_setup))
         _print(args, engine.describe(config.name), f"Created VM {config.name!r} in {engine.data.vm_dir(config.id)}")

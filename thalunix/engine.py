@@ -61,7 +61,8 @@ class CreateOptions:
     #: a size (``20G``) makes a new disk in the VM folder; a path attaches an existing image; "" or "none": no disk
     disk: str | None = None
     disk_format: str = "qcow2"
-    disk_bus: str = "virtio"
+    #: empty: virtio, or SATA for Windows guests (whose installer has no virtio driver)
+    disk_bus: str = ""
     firmware: str | None = None
     tpm: str | None = None
     forwards: list[str] = field(default_factory=list)
@@ -204,7 +205,8 @@ class DirectEngine(Engine):
         options = self._with_iso_defaults(options)
         # Checked even when no disk is made: a wrong choice is an error, not something silently dropped.
         choice(options.disk_format, DISK_FORMATS, "disk_format", "disk format")
-        choice(options.disk_bus, DISK_BUSES, "disk_bus", "disk bus")
+        if options.disk_bus:
+            choice(options.disk_bus, DISK_BUSES, "disk_bus", "disk bus")
         config = VMConfig(name=options.name, os=options.os, cpus=options.cpus, ram_mib=parse_ram_mib(options.ram),
                           machine=options.machine, firmware=options.firmware, tpm=options.tpm,
                           accel=options.accel)
@@ -273,8 +275,10 @@ class DirectEngine(Engine):
         validate(updated, self.host, self.data.exists)
         from thalunix import net
         net.ensure_unique_macs(self.data, updated, generated=fresh_macs)
+        # Only networks this edit brings in: a card on a network deleted since stays editable (start names it).
+        known = {nic.network for nic in config.nics if nic.mode == "private"} | set(self.data.network_names())
         for index, nic in enumerate(updated.nics):
-            if nic.mode == "private" and nic.network not in self.data.network_names():
+            if nic.mode == "private" and nic.network not in known:
                 raise ValidationError(f"{updated.label}: card {index + 1} is on network {nic.network!r}, which does "
                                       f"not exist (known: {', '.join(self.data.network_names()) or 'none yet'}); "
                                       f"create it first (`thalunix net create {nic.network}`)",

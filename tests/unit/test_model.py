@@ -148,3 +148,10 @@ def test_duplicate_macs_and_ports() -> None:
 def test_from_dict_type_errors(data, message) -> None:
     with pytest.raises(ValidationError, match=message):
         VMConfig.from_dict(data)
+
+
+def test_windows_guests_get_devices_their_installer_knows() -> None:
+    config = vm(os="windows11", disks=[Disk(path="w.qcow2")])
+    assert config.disks[0].bus == "sata" and config.nics[0].model == "e1000e"
+    config = vm(disks=[Disk(path="l.qcow2")])
+    assert config.disks[0].bus == "virtio" and config.nics[0].model == "virtio-net-pci"

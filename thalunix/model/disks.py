@@ -33,7 +33,9 @@ class Disk(ModelObject):
         if not self.format:
             self.format = "raw" if self.path.lower().endswith((".img", ".raw")) else "qcow2"
         if not self.bus:
-            self.bus = "virtio"
+            # Windows Setup has no virtio driver of its own: SATA (AHCI) installs without extra media.
+            windows = str(getattr(context, "os", "")).startswith("windows")
+            self.bus = "sata" if windows else "virtio"
 
     def validate(self, where: str) -> None:
         if not self.path.strip():

@@ -48,6 +48,9 @@ class PortForward(ModelObject):
         address = "127.0.0.1"
         if len(parts) == 3:
             address = parts.pop(0)
+            if address.isalpha() and protocol == "tcp" and spec.strip().lower().startswith(address.lower()):
+                raise ValidationError(f"forward {spec!r}: protocol {address!r} is unknown; use tcp or udp",
+                                      "forwards")
         if len(parts) != 2:
             raise ValidationError(
                 f"forward {spec!r}: write it as tcp:HOSTPORT:GUESTPORT (e.g. tcp:2222:22), "
@@ -85,7 +88,8 @@ def random_mac() -> str:
 @dataclass
 class Nic(ModelObject):
     mode: str = "user"
-    model: str = "virtio-net-pci"
+    #: empty: chosen by set_defaults from the VM's OS hint
+    model: str = ""
     mac: str = ""
     forwards: list[PortForward] = field(default_factory=list)
     #: mode private: the custom network's name (``thalunix net create NAME``)
@@ -96,6 +100,10 @@ class Nic(ModelObject):
     tap: str = ""
 
     def set_defaults(self, context: object = None) -> None:
+        if not self.model:
+            # Windows has an e1000e driver in the box; everything else does best with virtio.
+            windows = str(getattr(context, "os", "")).startswith("windows")
+            self.model = "e1000e" if windows else "virtio-net-pci"
         if not self.mac:
             self.mac = random_mac()
         self.mac = self.mac.lower()

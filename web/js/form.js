@@ -109,6 +109,14 @@ export function renderVmForm(container, { vm = null, onDone, onCancel, initialPa
   const diskNew = h('div', { class: 'row', id: 'disk-new' }, h('label', {}, 'Size ', diskSize), h('label', {}, 'Format ', diskFormat));
   const diskExisting = h('div', { class: 'row', id: 'disk-existing', hidden: true }, diskPath, pickDisk);
   const diskBus = select('disk_bus', DISK_BUSES, vm?.disks?.[0]?.bus || 'virtio');
+  if (!vm) {
+    // Windows Setup has no virtio driver: follow the OS choice until the user picks a bus by hand.
+    let busTouched = false;
+    diskBus.addEventListener('change', () => { busTouched = true; });
+    os.addEventListener('change', () => {
+      if (!busTouched) diskBus.value = os.value.startsWith('windows') ? 'sata' : 'virtio';
+    });
+  }
 
   const ram = h('input', { id: 'ram', name: 'ram', type: 'text', value: vm ? ramText(vm.ram_mib) : '2G',
                             size: 8, placeholder: '2G' });
