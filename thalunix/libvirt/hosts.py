@@ -56,7 +56,8 @@ class HostConnectionError(ThalunixError):
     """A host could not be reached or used; ``cause`` is one of :data:`CAUSES`."""
 
     code = "host-connection"
-    http_status = 502
+    # Not a 5xx: this Thalunix works; a host the request names cannot be used (WebDAV's Failed Dependency).
+    http_status = 424
 
     def __init__(self, message: str, cause: str = "error") -> None:
         super().__init__(message)
