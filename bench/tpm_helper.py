@@ -4,7 +4,7 @@
 What is measured (issue goals: ≤ 1.5 s median of ≥ 5 under TCG, QEMU peak RSS ≤ 96 MB, guest RAM 64 MB):
 
 * CPU seconds — user + system time of the helper's QEMU at that moment: the same boot's cost
-  independent of what else runs (this machine is shared; wall time on an idle core is close to it,
+  less dependent on what else runs (this machine is shared; wall time on an idle core is close to it,
   as a 1-vCPU TCG guest runs on one thread).
 * launch → answered — :meth:`thalunix.tpm.helper.HelperVM.start` as Thalunix runs it: ``t0`` just
   before ``Popen`` of QEMU, ``t1`` when a raw ``TPM2_GetRandom`` sent to the forwarded data port on
@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
         f"| launch → first TPM2 command answered ({args.runs} runs, existing state disk) | seconds |",
         "| --- | ---: |",
         f"| median | {median:.2f} |", f"| min | {min(times):.2f} |", f"| max | {max(times):.2f} |",
-        f"| QEMU CPU seconds to that point (median; load-independent) | {statistics.median(cpus):.2f} |",
+        f"| QEMU CPU seconds to that point (median; less load-dependent than wall time) | {statistics.median(cpus):.2f} |",
         f"| first boot of a VM (state disk formatted) | {first_boot:.2f} |",
         "",
         f"Goal ≤ 1.5 s: **{'met' if median <= 1.5 else 'not met'}** (median {median:.2f} s wall; "
