@@ -320,7 +320,8 @@ class LibvirtEngine(Engine):
             if getattr(options, key) is None:
                 setattr(options, key, fallback)
         choice(options.disk_format, DISK_FORMATS, "disk_format", "disk format")
-        choice(options.disk_bus, DISK_BUSES, "disk_bus", "disk bus")
+        if options.disk_bus:   # empty: the model picks by OS (as for portable VMs)
+            choice(options.disk_bus, DISK_BUSES, "disk_bus", "disk bus")
         config = VMConfig(name=options.name, os=str(options.os), cpus=options.cpus,
                           ram_mib=parse_ram_mib(options.ram or "2G"), machine=options.machine,
                           firmware=str(options.firmware), tpm=str(options.tpm), accel=options.accel)
@@ -335,10 +336,10 @@ class LibvirtEngine(Engine):
         new_size = 0
         if options.disk and options.disk.strip().lower() not in ("", "none"):
             if "/" in options.disk:
-                config.disks = [Disk(path=options.disk, bus=options.disk_bus)]
+                config.disks = [Disk(path=options.disk, bus=options.disk_bus or "")]
             else:
                 new_size = parse_size(options.disk, field="disk", default_unit="G")
-                config.disks = [Disk(path="(new)", format=options.disk_format, bus=options.disk_bus)]
+                config.disks = [Disk(path="(new)", format=options.disk_format, bus=options.disk_bus or "")]
         config.set_defaults()
         config.id = uuidlib.uuid4().hex
         self._check_libvirt_model(config)
