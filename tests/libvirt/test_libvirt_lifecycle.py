@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import PROMPT, READY, wait_serial
+from conftest import READY, wait_serial
 from thalunix.engine import CreateOptions
 from thalunix.errors import ConflictError, NotFoundError
 from thalunix.events import EventBus

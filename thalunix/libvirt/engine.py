@@ -114,7 +114,6 @@ class _Console:
                                     data=data.decode("utf-8", errors="replace"))
 
     def send(self, data: bytes) -> None:
-        libvirt = self.engine.libvirt
         view = memoryview(data)
         deadline = time.monotonic() + 10
         while view:
@@ -127,7 +126,6 @@ class _Console:
             if sent < 0:
                 raise ThalunixError(f"VM {self.name!r}: the serial console closed; reopen it")
             view = view[sent:]
-        del libvirt
 
     def close(self) -> None:
         if self.closed:
