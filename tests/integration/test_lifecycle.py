@@ -181,3 +181,17 @@ def test_accelerator_that_fails_a_real_guest_falls_back(engine: DirectEngine, ma
     choice = runtime.accelerator("auto", engine.data.cache_dir)
     assert choice.chosen == "tcg" and "kvm" not in choice.ladder
     engine.stop("fallback", force=True)
+
+
+def test_detach_then_reattach_in_the_same_process(engine: DirectEngine, make_vm) -> None:
+    """The first session's waiter must not report the exit once another session speaks for the VM."""
+    make_vm("again")
+    boot(engine, "again")
+    engine.close()                      # detach: the VM keeps running
+    assert engine.attach_running() == ["again"]
+    config = engine.get("again")
+    assert engine.stop("again", timeout=60)["state"] == "stopped"
+    time.sleep(0.5)                     # give a stray waiter the chance to overwrite the outcome
+    assert engine.status("again")["state"] == "stopped"
+    last = json.loads(engine.data.vm_path(config.id, "run", "last-exit.json").read_text())
+    assert last["state"] == "stopped"

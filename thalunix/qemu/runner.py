@@ -189,6 +189,7 @@ class VMSession:
         #: True until start() returns; an accelerator failure seen meanwhile is retried by start() itself.
         self.starting = proc is not None
         self.fallback: list[str] = []
+        self.detached = False
         #: whether the guest has its agent port open (VSERPORT_CHANGE); None after a re-attach: unknown
         self.agent_open: bool | None = False if proc is not None else None
         self._serial_writer: asyncio.StreamWriter | None = None
@@ -327,8 +328,8 @@ class VMSession:
 
     def on_exit(self, code: int | None) -> None:
         """Called once when QEMU is gone (from the waiter thread or the disconnect watcher)."""
-        if self.exited.is_set():
-            return
+        if self.exited.is_set() or self.detached:
+            return   # a detached session no longer speaks for the VM: whoever re-attached does
         self.exit_code = code
         crashed = self.state == "crashed" or (
             not self.stop_requested and not self.clean_shutdown) or (code not in (0, None))
@@ -771,6 +772,7 @@ class Supervisor:
             sessions = list(self.sessions.values())
             self.sessions.clear()
         for session in sessions:
+            session.detached = True
             with contextlib.suppress(Exception):
                 self.loop.run(session.close(), timeout=5)
             self.data.unlock_vm(session.config)
