@@ -64,7 +64,7 @@ class SnapshotUnsupportedError(SnapshotError):
 
 
 def validate_snapshot_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or name.isdigit():
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", "..") or name.isdigit():
         raise ValidationError(f"snapshot name {name!r} is not allowed; use up to 63 letters, digits, '.', '_' and "
                               "'-', starting with a letter or digit (and not only digits, which qemu-img reads "
                               "as snapshot ids)", "name")

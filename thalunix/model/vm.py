@@ -131,7 +131,7 @@ def validate_name(name: object) -> str:
                               "space, '.', '_' and '-'", "name")
     if len(name) > NAME_MAX:
         raise ValidationError(f"name: {len(name)} characters is too long; at most {NAME_MAX}", "name")
-    if not _NAME.match(name) or name.endswith((".", " ")):
+    if not _NAME.fullmatch(name) or name.endswith((".", " ")):
         raise ValidationError(f"name: {name!r} is not allowed; start with a letter or digit, use letters, "
                               "digits, space, '.', '_' and '-', and do not end with a dot or space", "name")
     if name.split(".")[0].strip().lower() in _RESERVED:
