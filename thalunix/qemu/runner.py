@@ -341,11 +341,11 @@ class VMSession:
                               {"code": code, "state": final, "time": _now(), "qemu_output": tail,
                                "accel_error": self.accel_error})
             self.data.vm_path(self.config.id, "run", "state.json").unlink(missing_ok=True)
-        self.set_state(final)
         self.supervisor.tpm.release_later(self.config)   # normally it has ended by itself already
-        # Unlock before waking waiters: whoever stop() returns to may start the VM again at once.
+        # Let go of the VM (session, lock) before anyone hears it stopped: whoever is told may start it again.
         self.supervisor._session_ended(self)
         self.exited.set()
+        self.set_state(final)
 
     async def close(self) -> None:
         for task in self._tasks:
