@@ -19,10 +19,12 @@ import { SerialTerminal } from './terminal.js';
 import { icon } from './icons.js';
 import { initTheme } from './theme.js';
 import * as hosts from './hosts.js';
+import * as network from './network.js';
 import { confirmAction, formatRam, h, pathFromFileUrl, toast } from './ui.js';
 
 const THUMBNAIL_SECONDS = 5;
-const TABS = [['screen', 'Screen'], ['console', 'Console'], ['logs', 'Logs'], ['details', 'Details']];
+const TABS = [['screen', 'Screen'], ['console', 'Console'], ['logs', 'Logs'], ['details', 'Details'],
+              ['network', 'Network']];
 const STATE_LABELS = { stopped: 'Stopped', starting: 'Starting…', running: 'Running', paused: 'Paused',
                        stopping: 'Stopping…', crashed: 'Crashed', broken: 'Broken' };
 const UP = new Set(['starting', 'running', 'paused', 'stopping']);
@@ -197,7 +199,7 @@ function go(hash) {
 /** Whether the view drawn for `hash` still fits the list (its VM still exists, the empty state is still empty). */
 function stillValid(hash) {
   const [, page, id] = hash.split('/');
-  if (page === 'new' || page === 'downloads') return true;
+  if (page === 'new' || page === 'downloads' || page === 'networks') return true;
   if (page === 'vm') return vms.has(id);
   return vms.size === 0;
 }
@@ -213,6 +215,7 @@ function route(force = false) {
   if (page === 'downloads') document.getElementById('nav-downloads')?.setAttribute('aria-current', 'page');
   else document.getElementById('nav-downloads')?.removeAttribute('aria-current');
   if (page === 'downloads') { closeVm(); openForm = null; downloads.showDownloads(main); return; }
+  if (page === 'networks') { closeVm(); openForm = null; network.showNetworks(main); return; }
   if (page === 'new') { closeVm(); showForm(null); return; }
   if (page === 'vm' && vms.has(id)) {
     if (tab === 'edit') { showEdit(id); return; }
@@ -301,6 +304,7 @@ async function openVm(id, tab) {
     if (current?.id !== id) return;
     renderHeader();
     renderDetails();
+    renderNetwork();
   }
   selectTab(tab);
 }
@@ -330,6 +334,17 @@ function selectTab(tab) {
   if (tab === 'screen') renderScreen();
   if (tab === 'logs') openLogs();
   if (tab === 'details') renderDetails();
+  if (tab === 'network') renderNetwork();
+}
+
+/** The Network tab (web/js/network.js); redrawn after its own changes and on state changes. */
+function renderNetwork() {
+  if (!current || current.tab !== 'network' || !current.detail) return;
+  const id = current.id;
+  network.renderNetworkTab(current.panels.network, current.detail, state(), async () => {
+    try { const detail = await api.getVm(id); if (current?.id === id) { current.detail = detail; renderNetwork(); } }
+    catch (error) { toast(error.message, 'error'); }
+  });
 }
 
 function state() {
@@ -437,6 +452,7 @@ function currentStateChanged(now, before) {
     renderScreen();
     renderDetails();
   }
+  if ((UP.has(now) !== UP.has(before)) || now === 'running') renderNetwork();
   if (now === 'starting' && current.terminal) current.terminal.note('the VM is starting');
   current.logs?.onState();
 }
