@@ -41,6 +41,8 @@ TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under 
 # `libvirt`) builds from source against libvirt-dev, with pkg-config, gcc and python3-dev from RUN_PACKAGES.
 TEST_PACKAGES += ["libvirt-daemon-system", "libvirt-clients", "libvirt-daemon-driver-qemu", "libvirt-dev",
                   "openssh-server", "openssh-client", "iproute2"]
+# tests/guest/build_agent.py copies qemu-guest-agent's libraries from the host into the agent test guest.
+TEST_PACKAGES += ["libglib2.0-0", "libnuma1", "libudev1", "liburing2"]
 
 
 def _guest_packages() -> list[str]:
