@@ -819,6 +819,8 @@ def _network_parsers(vm: Any, commands: Any, common: argparse.ArgumentParser) ->
     delete.add_argument("network")
     serve_switch = net.add_parser("serve-switch")   # internal: the switch process a VM start spawns
     serve_switch.add_argument("network")
+    serve_share = net.add_parser("serve-share")   # internal: a VM's shared-folder server process
+    serve_share.add_argument("vm_id")
     usb_parser = commands.add_parser("usb", help="the host's USB devices")
     usb = usb_parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_parser_with(common))
     usb.required = True
@@ -830,6 +832,9 @@ def _network(engine: DirectEngine, args: argparse.Namespace) -> int:
         if args.verb == "serve-switch":
             from thalunix.net import serve_switch
             return serve_switch(engine.data, args.network)
+        if args.verb == "serve-share":
+            from thalunix.share import serve_share
+            return serve_share(engine.data, args.vm_id)
         if args.verb == "create":
             row = engine.network_create(args.network, args.description)
             _print(args, row, f"Created network {row['name']!r}; attach VMs with "

@@ -20,7 +20,7 @@ Example (in a Linux guest)::
 
 and on the host::
 
-    share.serve_for(data, config)   # started by the runner before QEMU; returns its Endpoint
+    share.serve_for(data, config)   # a server process, started by the runner before QEMU; its Endpoint
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ import html
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -330,11 +333,6 @@ class ShareServer:
                 os.unlink(self.unix_path)
 
 
-#: vm id → its server in this process
-_servers: dict[str, ShareServer] = {}
-_lock = threading.Lock()
-
-
 def folder_of(data: DataFolder, config: VMConfig) -> Path:
     folder = data.resolve(config.shared_folder)
     if not folder.is_dir():
@@ -343,42 +341,123 @@ def folder_of(data: DataFolder, config: VMConfig) -> Path:
     return folder
 
 
-def serve_for(data: DataFolder, config: VMConfig) -> "Endpoint":
-    """Start (or keep) the VM's share server; the endpoint QEMU's guestfwd connects to."""
+# The server runs in a process of its own (like QEMU and the network switch): a VM started from a one-shot
+# `thalunix vm start` keeps its share after that command has ended. It serves until the VM's QEMU is gone.
+SERVER_GRACE = 60.0
+SERVER_CHECK = 2.0
+
+
+def _record(data: DataFolder, config: VMConfig) -> Path:
+    return data.vm_path(config.id, "run", "share.json")
+
+
+def _server_running(data: DataFolder, config: VMConfig) -> bool:
+    from thalunix.store import FileLock
+    lock = FileLock(data.vm_path(config.id, "run", "share.lock"))
+    if lock.acquire():
+        lock.release()
+        return False
+    return True
+
+
+def _helper_command(data: DataFolder, config: VMConfig) -> list[str]:
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "--data-dir", str(data.root), "net", "serve-share", config.id]
+    return [sys.executable, "-m", "thalunix", "--data-dir", str(data.root), "net", "serve-share", config.id]
+
+
+def serve_for(data: DataFolder, config: VMConfig, timeout: float = 20.0) -> "Endpoint":
+    """Start the VM's share server process (or keep the one serving this folder); the endpoint for guestfwd."""
+    from thalunix.qemu import process
     from thalunix.qemu.argv import Endpoint
     folder = folder_of(data, config)
-    record = data.vm_path(config.id, "run", "share.json")
-    with _lock:
-        old = _servers.pop(config.id, None)
-        if old is not None:
-            old.close()
-        if hasattr(socket, "AF_UNIX") and os.name != "nt":
-            path = data.vm_path(config.id, "run", "share.sock")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            server = ShareServer(folder, unix_path=str(path))
-            endpoint = Endpoint.unix("share.sock")   # QEMU runs in run/
+    record_path = _record(data, config)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record = data.read_json(record_path, {}) or {}
+    if _server_running(data, config):
+        # A server left from the VM's previous run may be about to leave with it: always start afresh.
+        with contextlib.suppress(Exception):
+            process.kill(int(record["pid"]), str(record.get("token", "")))
+        deadline = time.monotonic() + 10
+        while _server_running(data, config) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    log_path = data.vm_path(config.id, "logs", "share.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "ab") as log:
+        kwargs: dict[str, Any] = {}
+        if os.name == "nt":
+            kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+                                       | subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
         else:
-            previous = data.read_json(record, {}) or {}
+            kwargs["start_new_session"] = True
+        proc = subprocess.Popen(_helper_command(data, config), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                close_fds=True, env=env, **kwargs)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = data.read_json(record_path, {}) or {}
+        if record.get("pid") == proc.pid and record.get("ready"):
+            return Endpoint.tcp(int(record["port"])) if record.get("port") else Endpoint.unix("share.sock")
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    with contextlib.suppress(OSError):
+        proc.kill()
+    tail = log_path.read_text(errors="replace")[-400:] if log_path.exists() else ""
+    raise ShareError(f"{config.label}: the shared folder's server did not start ({tail.strip() or 'no output'}); "
+                     f"see {log_path}")
+
+
+def serve_share(data: DataFolder, vm_id: str) -> int:
+    """The share process's body (``thalunix net serve-share VMID``): serve until the VM's QEMU is gone."""
+    from thalunix.qemu import process
+    from thalunix.store import FileLock, atomic_write_json
+    entry = data.read_vm(vm_id)
+    if entry.config is None:
+        raise ShareError(f"VM {vm_id}: {entry.error}")
+    config = entry.config
+    lock = FileLock(data.vm_path(config.id, "run", "share.lock"))
+    if not lock.acquire():
+        return 0
+    try:
+        folder = folder_of(data, config)
+        record_path = _record(data, config)
+        previous = data.read_json(record_path, {}) or {}
+        if hasattr(socket, "AF_UNIX") and os.name != "nt":
+            server = ShareServer(folder, unix_path=str(data.vm_path(config.id, "run", "share.sock")))
+        else:
             server = ShareServer(folder, port=int(previous.get("port", 0) or 0))
-            endpoint = Endpoint.tcp(server.port)
-        _servers[config.id] = server
-    from thalunix.store import atomic_write_json
-    atomic_write_json(record, {"folder": str(folder), "port": server.port, "url": GUEST_URL}, durable=False)
-    return endpoint
+        token = process.start_token(os.getpid())
+        written = -1
+
+        def publish(ready: bool = True) -> None:
+            atomic_write_json(record_path, {"pid": os.getpid(), "token": token, "folder": str(folder),
+                                            "port": server.port, "url": GUEST_URL, "ready": ready,
+                                            "requests": server.requests}, durable=False)
+        publish()
+        started = time.monotonic()
+        seen = False
+        while True:
+            time.sleep(SERVER_CHECK)
+            if server.requests != written:
+                written = server.requests
+                publish()
+            state = data.read_json(data.vm_path(config.id, "run", "state.json"), {}) or {}
+            alive = bool(state) and process.is_alive(int(state.get("pid", 0) or 0), str(state.get("token", "")))
+            seen = seen or alive
+            if not alive and (seen or time.monotonic() - started > SERVER_GRACE):
+                server.close()
+                return 0
+    finally:
+        lock.release()
 
 
 def resume_for(data: DataFolder, config: VMConfig) -> None:
-    """A VM re-attached by a new Thalunix process: serve its folder again where QEMU reconnects."""
-    if config.shared_folder and config.id not in _servers:
+    """A running VM whose share server died: start it again where QEMU's guestfwd reconnects."""
+    if config.shared_folder and not _server_running(data, config):
         with contextlib.suppress(ThalunixError, OSError):
             serve_for(data, config)
-
-
-def stop_for(config: VMConfig) -> None:
-    with _lock:
-        server = _servers.pop(config.id, None)
-    if server is not None:
-        server.close()
 
 
 def set_folder(engine: Any, name: str, folder: str | None) -> dict[str, Any]:
@@ -401,7 +480,8 @@ def set_folder(engine: Any, name: str, folder: str | None) -> dict[str, Any]:
 
 def info(engine: Any, name: str) -> dict[str, Any]:
     config = engine.get(name)
-    active = config.id in _servers
+    active = bool(config.shared_folder) and _server_running(engine.data, config)
+    record = engine.data.read_json(_record(engine.data, config), {}) or {}
     return {"vm": config.name, "folder": str(engine.data.resolve(config.shared_folder)) if config.shared_folder
             else None, "guest_url": GUEST_URL if config.shared_folder else None, "serving": active,
-            "requests": _servers[config.id].requests if active else 0}
+            "requests": int(record.get("requests", 0)) if active else 0}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 from thalunix.engine import DirectEngine
@@ -53,4 +54,17 @@ def test_shared_folder_round_trip(engine: DirectEngine, make_vm, tmp_path: Path)
     assert out.endswith("REFUSED") and "outside" not in out
     out = run(engine, "sharer", "wget -q -O - http://10.0.2.100/%2e%2e/secret.txt || echo REFUSED")
     assert out.endswith("REFUSED") and "outside" not in out
+    info = engine.share_info("sharer")
+    assert info["serving"]
+    deadline = time.monotonic() + 30   # the server process publishes its count every few seconds
+    while engine.share_info("sharer")["requests"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert engine.share_info("sharer")["requests"] >= 5
+    # The server is a process of its own: it outlives this Thalunix and leaves with the VM.
+    pid = engine.data.read_json(engine.data.vm_path(config.id, "run", "share.json"))["pid"]
+    assert pid != os.getpid()
+    engine.stop("sharer", force=True)
+    deadline = time.monotonic() + 30
+    while engine.share_info("sharer")["serving"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not engine.share_info("sharer")["serving"]
