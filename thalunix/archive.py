@@ -396,6 +396,8 @@ def import_vm(engine: "DirectEngine", file: str | os.PathLike[str], job: Job, na
             config.id = uuid.uuid4().hex
             for nic in config.nics:
                 nic.mac = random_mac()
+        from thalunix import net
+        net.ensure_unique_macs(engine.data, config, generated=range(len(config.nics)))   # another VM may have one
         if name:
             config.name = name
         by_disk = {m["disk"]: m for m in members.values() if m.get("kind") == "disk"}

@@ -91,6 +91,8 @@ def clone_vm(engine: "DirectEngine", source: VMConfig, name: str, linked: bool =
     source = disks.reload(engine, source)
     clone_precheck(engine, source, name, tpm)
     clone = new_identity(source, name)
+    from thalunix import net
+    net.ensure_unique_macs(engine.data, clone, generated=range(len(clone.nics)))   # unique in the whole folder
     with WorkFolder(engine.data, f"clone-{clone.id[:8]}") as work:
         staging = work / "vm"
         (staging / "disks").mkdir(parents=True)
