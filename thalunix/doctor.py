@@ -47,6 +47,8 @@ def diagnose(engine: DirectEngine) -> dict[str, Any]:
     except ThalunixError as error:
         report["accelerator"] = {"chosen": None, "summary": str(error), "verdicts": []}
     report["tpm"] = tpm_report(engine, runtime)
+    from thalunix.net import doctor_report
+    report["network"] = doctor_report(runtime)
     return report
 
 
@@ -123,4 +125,10 @@ def render(report: dict[str, Any]) -> str:
         helper = tpm["helper_vm"]
         lines.append(f"  {'ok ' if helper['usable'] else 'no '} helper VM: "
                      f"{helper['path'] if helper['usable'] else helper['reason']}")
+    network = report.get("network")
+    if network:
+        private = (f"ok ({network['private_backend']} on 127.0.0.1, no admin rights)" if network["private_ok"]
+                   else "unavailable (this QEMU has no dgram or socket backend)")
+        lines.append(f"Networks: private networks {private}; {network['bridge_summary']}; "
+                     f"USB devices on this host: {network.get('usb_devices')}")
     return "\n".join(lines)

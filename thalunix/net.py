@@ -422,13 +422,11 @@ def check_bridge(config: VMConfig, index: int, sysfs: Path = Path("/sys/class/ne
     if not (sysfs / nic.bridge / "bridge").is_dir():
         raise NetworkError(f"{where}: there is no bridge {nic.bridge!r} on this host; create it (ip link add "
                            f"{nic.bridge} type bridge) or choose an existing bridge")
-    if root:
-        return   # QEMU can make the TAP and join the bridge itself; the helper is not even needed
     if not helper:
         raise NetworkError(f"{where}: qemu-bridge-helper was not found (looked in {', '.join(BRIDGE_HELPERS)}); "
                            "install QEMU's bridge helper (Debian: qemu-system-common)")
     mode = os.stat(helper).st_mode
-    if not mode & 0o4000:
+    if not root and not mode & 0o4000:
         raise NetworkError(f"{where}: {helper} lacks the setuid bit (or CAP_NET_ADMIN), the permission it needs "
                            f"to add a TAP device to bridge {nic.bridge!r}; as root: chmod u+s {helper}")
     allowed = _allowed_bridges(conf)
@@ -572,3 +570,37 @@ def nic_rows(config: VMConfig) -> list[dict[str, Any]]:
                      "bridge": nic.bridge, "tap": nic.tap, "target": target,
                      "forwards": [f"{f.protocol}:{f.host_address}:{f.host_port}:{f.guest_port}" for f in nic.forwards]})
     return rows
+
+
+def doctor_report(runtime: "Runtime | None") -> dict[str, Any]:
+    """What networking can do on this host (``thalunix doctor``): private networks, bridges, TAP, USB."""
+    netdevs = list(getattr(getattr(runtime, "caps", None), "netdevs", []) or [])
+    private = "dgram" if (not netdevs or "dgram" in netdevs) else ("socket" if "socket" in netdevs else "")
+    report: dict[str, Any] = {"private_backend": private, "private_ok": bool(private)}
+    if os.name == "nt":
+        adapters = windows_tap_adapters()
+        report["tap_adapters"] = adapters
+        report["bridge_summary"] = (f"TAP adapters: {', '.join(adapters)}" if adapters else
+                                    "no TAP-Windows adapter installed (needed for bridged cards)")
+    else:
+        helper = bridge_helper(getattr(runtime, "data_dir", None))
+        root = hasattr(os, "geteuid") and os.geteuid() == 0
+        setuid = bool(helper) and bool(os.stat(helper).st_mode & 0o4000)
+        allowed = sorted(_allowed_bridges(Path(BRIDGE_CONF)) or [])
+        report.update({"bridge_helper": helper, "bridge_helper_setuid": setuid, "bridge_conf": BRIDGE_CONF,
+                       "bridges_allowed": allowed, "tun_access": os.access("/dev/net/tun", os.R_OK | os.W_OK),
+                       "root": root})
+        if not helper:
+            report["bridge_summary"] = "no qemu-bridge-helper: bridged cards need an existing TAP device"
+        elif not setuid and not root:
+            report["bridge_summary"] = f"{helper} is not setuid: bridged cards need an existing TAP device"
+        else:
+            report["bridge_summary"] = (f"bridges allowed in {BRIDGE_CONF}: {', '.join(allowed)}" if allowed
+                                        else f"no bridge allowed in {BRIDGE_CONF}")
+    try:
+        from thalunix import usb
+        report["usb_devices"] = len(usb.list_host_devices())
+    except ThalunixError as error:
+        report["usb_devices"] = None
+        report["usb_error"] = str(error)
+    return report

@@ -251,3 +251,5 @@ def test_cli_network_commands(engine: DirectEngine, make_vm, data_dir: Path, cap
     code, _, err = run("vm", "agent", "clivm", "info")
     assert code == 1 and "not running" in err
     assert run("usb", "list")[0] == 0
+    code, out, _ = run("doctor")
+    assert code == 0 and "Networks: private networks ok (dgram on 127.0.0.1" in out
