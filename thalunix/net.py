@@ -25,7 +25,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -506,8 +505,7 @@ def _check_windows_tap(config: VMConfig, index: int, adapters: list[str] | None 
 
 
 # -- before a start ----------------------------------------------------------------------------------------
-def prepare_launch(data: DataFolder, config: VMConfig, runtime: "Runtime", agent: "Endpoint | None",
-                   vm_label_log: Any = None) -> dict[str, Any]:
+def prepare_launch(data: DataFolder, config: VMConfig, runtime: "Runtime", agent: "Endpoint | None") -> dict[str, Any]:
     """Check forwards and bridges, start the switches and the share: the LaunchPlan fields for networking.
 
     Writes ``run/net.json`` (the VM's switch ports) so its switches accept its frames.
@@ -526,7 +524,7 @@ def prepare_launch(data: DataFolder, config: VMConfig, runtime: "Runtime", agent
             links.append((index, local, switch_port))
             records.append({"network": nic.network, "port": local, "switch": switch_port})
         elif nic.mode == "bridge":
-            helper = bridge_helper(getattr(runtime, "root", None))
+            helper = bridge_helper(getattr(runtime, "data_dir", None))
             check_bridge(config, index, helper=helper)
             plan["bridge_helper"] = helper
     plan["private_links"] = tuple(links)

@@ -156,7 +156,7 @@ def _check_access(config: VMConfig, usb: str, devices: list[dict[str, Any]]) -> 
 
 
 def attached(engine: "DirectEngine", name: str) -> list[dict[str, Any]]:
-    """The USB devices of a running VM as QEMU sees them (``x-query-usb``), plus the remembered ones."""
+    """The USB devices of a running VM as QEMU lists them (HMP ``info usb``), plus the remembered ones."""
     config = engine.get(name)
     rows: list[dict[str, Any]] = []
     try:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from thalunix import agent
 from thalunix.engine import CreateOptions, DirectEngine
 
 from .conftest import boot, nat_up, run

@@ -12,7 +12,7 @@ import pytest
 
 from thalunix import agent, net, usb
 from thalunix.cli import main as cli
-from thalunix.engine import CreateOptions, DirectEngine
+from thalunix.engine import DirectEngine
 from thalunix.errors import ConflictError, NotFoundError, ValidationError
 from thalunix.model import Nic, PortForward, VMConfig
 
