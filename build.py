@@ -50,7 +50,12 @@ def _guest_packages() -> list[str]:
     if spec is None or spec.loader is None:
         return []
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # Registered first: dataclasses look their module up in sys.modules while the class is made.
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
     return list(getattr(module, "APT_PACKAGES", []))
 
 
