@@ -672,7 +672,8 @@ class DirectEngine(Engine):
         config = self.get(name)
         clone.clone_precheck(self, config, new_name, tpm)
         return self._job("vm.clone", config, f"{'linked' if linked else 'full'} clone of {config.name} as {new_name}",
-                         lambda job: clone.clone_vm(self, config, new_name, linked=linked, tpm=tpm, job=job), wait)
+                         lambda job: self._announce(clone.clone_vm(self, config, new_name, linked=linked, tpm=tpm,
+                                                                   job=job)), wait)
 
     def export(self, name: str, file: str, wait: bool = False) -> dict[str, Any]:
         from thalunix import archive
@@ -685,7 +686,12 @@ class DirectEngine(Engine):
         from thalunix import archive
         archive.read_manifest(Path(file).expanduser().absolute())   # refuse a foreign file before any job
         return self._job("vm.import", None, f"importing {Path(file).name}",
-                         lambda job: archive.import_vm(self, file, job, name=name), wait)
+                         lambda job: self._announce(archive.import_vm(self, file, job, name=name)), wait)
+
+    def _announce(self, made: dict[str, Any]) -> dict[str, Any]:
+        """Tell every front that a clone or import made a VM (their lists show it without asking)."""
+        self.bus.publish("vm.config", vm=made["id"], name=made["name"], change="created")
+        return made
 
     def jobs_list(self) -> list[dict[str, Any]]:
         return self.jobs.list()

@@ -357,6 +357,8 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
     downloads.add_routes(app, engine)
     from thalunix.api import hosts   # libvirt hosts: /api/hosts, /api/hosts/{host}/vms/…, /api/vms/{name}/move
     hosts.add_routes(app, engine)
+    from thalunix.api import disks   # disks, snapshots, clone, export/import, jobs
+    disks.add_routes(app, engine)
     from thalunix.api import network   # custom networks, cards, forwards, USB, guest agent, shared folder
     network.add_routes(app, engine)
 

@@ -131,6 +131,7 @@ def openapi_document() -> dict[str, Any]:
     # Imported here: the route module builds on this one's helpers.
     from thalunix.api.downloads import openapi_paths as download_paths, openapi_schemas as download_schemas
     from thalunix.api.hosts import openapi_paths as host_paths, openapi_schemas as host_schemas
+    from thalunix.api.disks import openapi_paths as disk_paths, openapi_schemas as disk_schemas
     from thalunix.api.network import openapi_paths as net_paths, openapi_schemas as net_schemas
     vm_ok = _json(_ref("VMDetail"), "The VM's settings and state")
     status_ok = _json(_ref("VMStatus"), "The VM's state after the action")
@@ -225,6 +226,7 @@ def openapi_document() -> dict[str, Any]:
                 _json(_ref("Win11Setup"), "The option's default here and why"))},
             **download_paths(),
             **host_paths(),
+            **disk_paths(),
             **net_paths(),
             "/api/doctor": {"get": _operation(
                 "doctor", "What Thalunix found on this host (QEMU, accelerators, firmware, data folder)",
@@ -304,6 +306,7 @@ def openapi_document() -> dict[str, Any]:
                     "keys": {"type": "array", "items": {"type": "string"}}}},
                 **download_schemas(),
                 **host_schemas(),
+                **disk_schemas(),
                 **net_schemas(),
                 "Deleted": {"type": "object", "required": ["deleted"], "properties": {"deleted": {"type": "string"}}},
             },
