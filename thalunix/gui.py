@@ -32,6 +32,7 @@ TITLE = "Thalunix"
 FILE_TYPES = {
     "iso": ("Disc images (*.iso;*.img)", "All files (*.*)"),
     "disk": ("Disk images (*.qcow2;*.img;*.raw;*.vmdk;*.vdi;*.vhdx;*.vhd)", "All files (*.*)"),
+    "export": ("Thalunix exports (*.7z)", "All files (*.*)"),
     "any": ("All files (*.*)",),
 }
 #: States in which closing the window has something to ask about.

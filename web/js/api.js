@@ -42,6 +42,8 @@ async function call(method, path, body) {
   return payload;
 }
 
+/** Any route: request('POST', '/api/vms/web/clone', { name: 'web-2' }) — for modules with routes of their own. */
+export const request = (method, path, body) => call(method, path, body);
 export const listVms = () => call('GET', '/api/vms');
 export const getVm = (id) => call('GET', vmPath(id));
 export const createVm = (options) => call('POST', '/api/vms', options);

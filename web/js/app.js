@@ -20,11 +20,12 @@ import { icon } from './icons.js';
 import { initTheme } from './theme.js';
 import * as hosts from './hosts.js';
 import * as network from './network.js';
+import * as storage from './disks.js';
 import { confirmAction, formatRam, h, pathFromFileUrl, toast } from './ui.js';
 
 const THUMBNAIL_SECONDS = 5;
 const TABS = [['screen', 'Screen'], ['console', 'Console'], ['logs', 'Logs'], ['details', 'Details'],
-              ['network', 'Network']];
+              ['network', 'Network'], ['disks', 'Disks'], ['snapshots', 'Snapshots']];
 const STATE_LABELS = { stopped: 'Stopped', starting: 'Starting…', running: 'Running', paused: 'Paused',
                        stopping: 'Stopping…', crashed: 'Crashed', broken: 'Broken' };
 const UP = new Set(['starting', 'running', 'paused', 'stopping']);
@@ -40,6 +41,8 @@ const ALLOWED = {
   reset: new Set(['running']),
   edit: new Set(['stopped', 'crashed']),
   delete: new Set(['stopped', 'crashed']),
+  clone: new Set(['stopped', 'crashed']),
+  export: new Set(['stopped', 'crashed']),
 };
 
 const vms = new Map();          // id → summary row of GET /api/vms
@@ -165,8 +168,8 @@ function setConnection(state, text) {
 }
 
 api.events({
-  ready: () => { setConnection('live', 'Live'); loadList(); downloads.onReconnect(); },
-  'job.progress': (event) => downloads.onProgress(event),
+  ready: () => { setConnection('live', 'Live'); loadList(); downloads.onReconnect(); storage.onReconnect(); },
+  'job.progress': (event) => { downloads.onProgress(event); storage.onProgress(event); },
   down: () => setConnection('down', 'Reconnecting…'),
   'vm.state': (event) => {
     if (event.host) { hosts.onEvent(event); return; }   // a libvirt host's VM: the hosts panel shows it
@@ -286,6 +289,7 @@ function closeVm() {
   current.terminal?.dispose();
   current.screen?.disconnect();
   current = null;
+  storage.onVmState(null);
   renderList();
 }
 
@@ -335,6 +339,12 @@ function selectTab(tab) {
   if (tab === 'logs') openLogs();
   if (tab === 'details') renderDetails();
   if (tab === 'network') renderNetwork();
+  if (tab === 'disks' || tab === 'snapshots') storage.renderPanel(tab, current.panels[tab], storageVm());
+}
+
+/** The open VM as the Disks and Snapshots tabs (web/js/disks.js) need it. */
+function storageVm() {
+  return { id: current.id, name: vmLabel(vms.get(current.id) || current.detail || { id: current.id }), state: state() };
 }
 
 /** The Network tab (web/js/network.js); redrawn after its own changes and on state changes. */
@@ -373,6 +383,8 @@ function renderHeader() {
       button('force', [icon('stop'), 'Force stop'], forceStop, { title: 'Pull the plug: unsaved data in the guest is lost' }),
       button('reset', [icon('reset'), 'Reset'], () => run('reset'), { title: 'Hard reset, like the reset button of a PC' }),
       h('span', { class: 'spacer' }),
+      button('clone', 'Clone…', () => storage.openClone(storageVm()), { title: 'Make a copy of this VM (it must be stopped)' }),
+      button('export', 'Export…', () => storage.openExport(storageVm()), { title: 'Write this VM to one .7z file (it must be stopped)' }),
       button('edit', [icon('gear'), 'Settings'], () => go(`#/vm/${current.id}/edit`),
              { title: now === 'stopped' || now === 'crashed' ? 'Change this VM' : 'Stop the VM to change its settings' }),
       button('delete', [icon('trash'), 'Delete'], deleteVm, { class: 'danger-outline' })),
@@ -453,6 +465,7 @@ function currentStateChanged(now, before) {
     renderDetails();
   }
   if ((UP.has(now) !== UP.has(before)) || now === 'running') renderNetwork();
+  storage.onVmState(storageVm());
   if (now === 'starting' && current.terminal) current.terminal.note('the VM is starting');
   current.logs?.onState();
 }
@@ -624,6 +637,8 @@ markBridge();
 initTheme(document.getElementById('theme'));
 hosts.initHosts(document.getElementById('hosts-panel'));
 document.getElementById('new-vm').addEventListener('click', () => { closeVm(); go('#/new'); });
+document.getElementById('import-vm').addEventListener('click', () => storage.openImport());
+storage.initStorage({ go });
 downloads.initDownloads({ nav: document.getElementById('nav-downloads'),
                           onCreateVm: (preset) => { pendingPreset = preset; go('#/new'); } });
 renderList();
