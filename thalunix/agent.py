@@ -235,11 +235,14 @@ def sync_time(supervisor: "Supervisor", config: VMConfig, timeout: float = PING_
 
 def sync_time_later(supervisor: "Supervisor", config: VMConfig) -> None:
     """:func:`sync_time` in a thread, logged: a resume must not wait for a guest without an agent."""
+    session = supervisor.sessions.get(config.id)
+    if not config.guest_agent or (session is not None and session.agent_open is False):
+        return   # the guest never opened its agent port: nobody would answer
+
     def run() -> None:
-        if config.guest_agent:
-            done = sync_time(supervisor, config)
-            supervisor.vm_log(config, "guest clock re-synced through the guest agent" if done
-                              else "guest clock not re-synced: no guest agent answered")
+        done = sync_time(supervisor, config)
+        supervisor.vm_log(config, "guest clock re-synced through the guest agent" if done
+                          else "guest clock not re-synced: no guest agent answered")
     threading.Thread(target=run, daemon=True, name=f"timesync-{config.name}").start()
 
 
