@@ -338,3 +338,46 @@ def test_cancel_a_running_export_leaves_no_file(api: Api, engine: DirectEngine, 
     assert [p for p in engine.data.tmp_dir.iterdir() if not p.name.startswith(".")] == []
     # A cancelled job does not hold the VM: the next export runs.
     assert engine.jobs.busy(engine.get("big")) is None
+
+
+@pytest.mark.qemu
+def test_running_vm_live_snapshot_hotplug_and_refusals(api: Api, engine: DirectEngine, make_vm) -> None:
+    from disks.conftest import boot, run
+    from disks.test_hotplug import wait_for
+
+    make_vm("live")
+    assert api.post("/api/vms/live/disks", json={"size": "32M", "bus": "virtio"}).status_code == 201
+    boot(engine, "live")
+    assert wait_for(engine, "live", "cat /sys/block/vda/size", str((32 << 20) // 512)) == str((32 << 20) // 512)
+
+    # A snapshot of a running VM keeps its memory (live unless told otherwise); an offline one is refused.
+    refused(api.post("/api/vms/live/snapshots", json={"name": "cold", "live": False}), 409, None, "stop it")
+    taken = api.post("/api/vms/live/snapshots", json={"name": "warm", "description": "booted"})
+    assert taken.status_code == 201 and taken.json()["live"] is True, taken.text
+    row = api.get("/api/vms/live/snapshots").json()["tree"][0]
+    assert (row["name"], row["live"], row["description"]) == ("warm", True, "booted") and row["size"] > 1 << 20
+
+    # Disks are plugged in and out while it runs; SATA cannot be, and converting, checking, cloning and
+    # exporting wait until it is stopped.
+    refused(api.post("/api/vms/live/disks", json={"size": "8M", "bus": "sata"}), 409, None, "cannot be plugged in")
+    plugged = api.post("/api/vms/live/disks", json={"size": "16M", "bus": "virtio"})
+    assert plugged.status_code == 201, plugged.text
+    assert wait_for(engine, "live", "cat /sys/block/vdb/size 2>/dev/null", str((16 << 20) // 512)) == \
+        str((16 << 20) // 512)
+    grown = api.post(f"/api/vms/live/disks/{plugged.json()['id']}/resize", json={"size": "24M"})
+    assert grown.status_code == 200, grown.text
+    assert wait_for(engine, "live", "cat /sys/block/vdb/size", str((24 << 20) // 512)) == str((24 << 20) // 512)
+    refused(api.post("/api/vms/live/disks/disk0/convert", json={"format": "raw"}), 409, None, "stop it")
+    refused(api.post("/api/vms/live/disks/disk0/check", json={}), 409, None, "stop it")
+    refused(api.post("/api/vms/live/clone", json={"name": "live-2"}), 409, None, "stop it")
+    refused(api.post("/api/vms/live/export", json={"file": "/tmp/live-export.7z"}), 409, None, "stop it")
+    unplugged = api.delete(f"/api/vms/live/disks/{plugged.json()['id']}", params={"delete_file": "true"})
+    assert unplugged.status_code == 200 and unplugged.json()["file_deleted"] is True, unplugged.text
+    assert wait_for(engine, "live", "ls /sys/block/vdb >/dev/null 2>&1 && echo present || echo gone", "gone") == "gone"
+
+    # Back to the live snapshot: the guest goes on from that moment (its shell still answers).
+    run(engine, "live", "touch /tmp/after-snapshot")
+    reverted = api.post("/api/vms/live/snapshots/warm/revert")
+    assert reverted.status_code == 200 and reverted.json()["live"] is True, reverted.text
+    assert run(engine, "live", "ls /tmp/after-snapshot 2>/dev/null || echo absent") == "absent"
+    assert engine.stop("live", force=True)["state"] in ("stopped", "crashed")

@@ -71,6 +71,10 @@ def _shoot(ui: Any, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page = ui.page
     page.evaluate("document.getElementById('toasts').replaceChildren()")
+    # Bars ease to their value (a CSS transition): shoot once every one has caught up.
+    page.wait_for_function("""() => [...document.querySelectorAll('.job-progress .progress')].every((bar) =>
+        Math.abs(100 * bar.querySelector('.progress-fill').offsetWidth / bar.clientWidth
+                 - parseFloat(bar.getAttribute('aria-valuenow'))) < 2)""")
     for theme in ("light", "dark"):
         page.evaluate("t => { document.documentElement.dataset.theme = t; }", theme)
         page.screenshot(path=str(SHOTS / f"{name}-{theme}.png"))
@@ -179,7 +183,6 @@ def test_snapshot_revert_clone_export_import(ui, engine: DirectEngine, tmp_path:
     export_job = page.get_attribute("#export-dialog .job-progress", "data-job")
     page.wait_for_function("id => (window.__bars[id] || []).some(([v, s]) => s === 'running' && v > 0 && v < 100)",
                            arg=export_job, timeout=120_000)
-    _shoot(ui, "44-export-running")
     page.wait_for_selector('#export-dialog .job-progress[data-state="done"]', timeout=180_000)
     values = _bar_values(page, export_job)
     running = [value for value, state in values if state == "running"]
@@ -269,12 +272,19 @@ def test_disks_tab_raw_refusal_convert_grow_check_and_cancel(ui, engine: DirectE
     _shoot(ui, "50-disks-tab")
 
     # -- cancel an export half-way: the bar says so, no file is left ------------------------------------------
-    _fill_random(engine.data.resolve(engine.get("rawbox").disks[0].path), tmp_path, 80)
+    page.click("#disk-add")
+    page.fill("#add-size", "160M")
+    page.click("#add-disk-dialog-ok")
+    page.wait_for_selector('.disk-row[data-disk="disk2"]')
+    _fill_random(engine.data.resolve(engine.get("rawbox").disks[2].path), tmp_path, 150)
     target = tmp_path / "rawbox.7z"
     page.click("#action-export")
     page.fill("#export-folder", str(tmp_path))
     page.click("#export-dialog-ok")
-    page.wait_for_selector("#export-dialog .job-cancel:visible")
+    page.wait_for_selector("#export-dialog .job-progress")
+    job = page.get_attribute("#export-dialog .job-progress", "data-job")
+    page.wait_for_function("id => (window.__bars[id] || []).some(([v, s]) => s === 'running' && v > 0)", arg=job)
+    _shoot(ui, "44-export-running")
     page.click("#export-dialog .job-cancel")
     page.wait_for_selector("#confirm[open]")
     page.click("#confirm-ok")

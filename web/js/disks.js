@@ -99,7 +99,7 @@ async function renderDisks(panel, vm) {
         h('h2', {}, 'Disks'),
         h('p', { class: 'hint' }, running
           ? 'The VM is running: disks can be added (virtio, SCSI or NVMe), removed and grown now; converting and checking wait until it is stopped.'
-          : 'Sizes are what the guest sees; “on this computer” is the space the image takes here.')),
+          : 'Size is what the guest sees; space used is what the image takes on this computer.')),
       h('span', { class: 'spacer' }),
       h('button', { type: 'button', class: 'primary', id: 'disk-add', onclick: () => addDialog(vm) }, '+ Add disk…')),
     jobsStrip(vm), table));
@@ -116,12 +116,13 @@ async function renderDisks(panel, vm) {
   }
   const busy = jobs.runningFor(vm.id).length > 0;
   table.replaceChildren(h('table', { class: 'disk-table', id: 'disk-table' },
-    h('thead', {}, h('tr', {}, ['Disk', 'Size', 'On this computer', 'Format', 'Bus', ''].map((text) => h('th', { scope: 'col' }, text)))),
+    h('thead', {}, h('tr', {}, ['Disk', 'Size', 'Space used', 'Format', 'Bus', ''].map((text) => h('th', { scope: 'col' }, text)))),
     h('tbody', {}, rows.flatMap((disk) => diskRows(vm, disk, busy)))));
 }
 
 function diskRows(vm, disk, busy) {
   const stopped = STOPPED.has(vm.state);
+  const inside = disk.path.startsWith(`vms/${vm.id}/`);
   const other = disk.format === 'raw' ? 'qcow2' : 'raw';
   const extra = h('td', { colspan: 6, class: 'disk-extra' });
   const button = (label, handler, extraAttributes = {}) => h('button', { type: 'button', onclick: handler,
@@ -137,7 +138,9 @@ function diskRows(vm, disk, busy) {
     h('tr', { class: 'disk-row', dataset: { disk: disk.id, format: disk.format } },
       h('td', { class: 'disk-name' },
         h('div', {}, h('strong', {}, disk.id), ...badges),
-        h('code', { class: 'disk-file', title: disk.file }, disk.file)),
+        // Images in the VM's own folder by name; others by their whole path (its end kept in view).
+        h('code', { class: `disk-file${inside ? '' : ' outside'}`, title: disk.file },
+          inside ? disk.file.split(/[\\/]/).pop() : disk.file)),
       h('td', { class: 'num disk-size' }, disk.virtual_size ? formatBinary(disk.virtual_size) : '—'),
       h('td', { class: 'num' }, disk.actual_size !== undefined && disk.actual_size !== null ? formatBinary(disk.actual_size) : '—'),
       h('td', {}, disk.format),
@@ -227,8 +230,8 @@ function addDialog(vm) {
   const buses = running ? BUSES.filter(([bus]) => HOTPLUG_BUSES.has(bus)) : BUSES;
   const busSelect = h('select', { id: 'add-bus' }, buses.map(([value, label]) => h('option', { value }, label)));
   const size = h('input', { type: 'text', id: 'add-size', value: '8G', autocomplete: 'off' });
-  const format = h('select', { id: 'add-format' }, h('option', { value: 'qcow2' }, 'qcow2 (grows as used; snapshots)'),
-                   h('option', { value: 'raw' }, 'raw (plain file; no snapshots)'));
+  const format = h('select', { id: 'add-format', title: 'qcow2 grows as it is used and holds snapshots; raw is a plain file' },
+                   h('option', { value: 'qcow2' }, 'qcow2 (recommended)'), h('option', { value: 'raw' }, 'raw'));
   const path = h('input', { type: 'text', id: 'add-path', autocomplete: 'off', placeholder: 'full path of a .qcow2 or .img file' });
   const browse = h('button', { type: 'button', class: 'needs-bridge', onclick: async () => {
     const picked = await bridge()?.pick_file('disk');

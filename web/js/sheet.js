@@ -101,6 +101,15 @@ export function openSheet({ id, title, intro = null, body = [], submit = 'OK', s
     onClose?.();
   }
   dialog.addEventListener('cancel', (event) => { event.preventDefault(); close(); });
+  // An error is about what was sent: once the field is changed, its message no longer applies.
+  dialog.addEventListener('input', (event) => {
+    const wrap = event.target.closest?.('.field.invalid');
+    if (!wrap) return;
+    wrap.classList.remove('invalid');
+    const box = wrap.querySelector('.field-error');
+    box.hidden = true;
+    box.textContent = '';
+  });
   form.addEventListener('submit', async (event) => {
     event.preventDefault();
     clearErrors();

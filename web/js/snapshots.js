@@ -59,7 +59,7 @@ export async function renderSnapshots(panel, vm, { convert, jobsStrip, refresh }
   take.addEventListener('click', () => takeDialog(vm, taken, refresh));
   const parts = [];
   if (listing.unsupported) {
-    parts.push(h('div', { class: 'notice warn', id: 'snapshot-unsupported', role: 'note' },
+    parts.push(h('div', { class: 'notice notice-warn', id: 'snapshot-unsupported', role: 'note' },
       h('p', {}, listing.unsupported.message, '. Converting rewrites the image; the VM must be stopped.'),
       h('div', { class: 'notice-buttons' }, listing.unsupported.disks.map((disk) =>
         h('button', { type: 'button', class: 'primary convert-qcow2', dataset: { disk }, disabled: running,
