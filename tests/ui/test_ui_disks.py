@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import py7zr
+import pytest
 
 from thalunix.engine import CreateOptions, DirectEngine
 
@@ -292,4 +293,52 @@ def test_disks_tab_raw_refusal_convert_grow_check_and_cancel(ui, engine: DirectE
     assert "Cancelled" in page.inner_text("#export-dialog .progress-text")
     assert not target.exists() and not list(tmp_path.glob(".rawbox.7z*"))
     page.click("#export-dialog-close")
+    assert ui.errors == []
+
+
+@pytest.mark.qemu
+def test_running_vm_live_snapshot_and_hotplug(ui, engine: DirectEngine, make_vm) -> None:
+    from disks.conftest import boot
+    from disks.test_hotplug import wait_for
+
+    page = ui.page
+    make_vm("runner")
+    engine.disk_add("runner", size="32M", bus="virtio")
+    boot(engine, "runner")
+    ui.open()
+    _open_tab(ui, engine, "runner", "disks")
+    assert "The VM is running" in page.inner_text("#disks-panel .storage-head")
+    assert page.is_disabled('.disk-row[data-disk="disk0"] .disk-convert')   # waits until it is stopped
+    assert page.is_enabled('.disk-row[data-disk="disk0"] .disk-grow')
+
+    # Plug a disk in while it runs: only the buses that can be hot-plugged are offered; the guest sees it.
+    page.click("#disk-add")
+    assert page.eval_on_selector_all("#add-bus option", "options => options.map(o => o.value)") == \
+        ["virtio", "scsi", "nvme"]
+    page.fill("#add-size", "16M")
+    page.click("#add-disk-dialog-ok")
+    page.wait_for_selector('.disk-row[data-disk="disk1"]')
+    assert wait_for(engine, "runner", "cat /sys/block/vdb/size 2>/dev/null", str((16 << 20) // 512)) == \
+        str((16 << 20) // 512)
+    _shoot(ui, "51-disks-running")
+    page.click('.disk-row[data-disk="disk1"] .disk-remove')
+    page.check("#confirm-check")
+    page.click("#confirm-ok")
+    page.wait_for_selector('.disk-row[data-disk="disk1"]', state="detached")
+    assert wait_for(engine, "runner", "ls /sys/block/vdb >/dev/null 2>&1 && echo present || echo gone", "gone") == "gone"
+
+    # A snapshot taken while running keeps the memory; the tree says so.
+    page.click("#tab-snapshots")
+    page.wait_for_selector("#snapshots-panel")
+    page.click("#snapshot-take")
+    assert "its memory is saved too" in page.inner_text("#snapshot-dialog")
+    page.fill("#snapshot-name", "running-state")
+    page.click("#snapshot-dialog-ok")
+    node = '.snap-node[data-snapshot="running-state"]'
+    page.wait_for_selector(node, timeout=120_000)
+    assert "with memory" in page.inner_text(node) and "memory " in page.inner_text(f"{node} .snap-meta")
+    assert page.is_enabled(f"{node} .snap-revert")
+    _shoot(ui, "52-snapshots-running")
+    engine.stop("runner", force=True)
+    page.wait_for_selector('#snapshots-panel .hint:text("A snapshot keeps the disks")')   # redrawn on the state change
     assert ui.errors == []
