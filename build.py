@@ -135,7 +135,7 @@ def setup(for_tests: bool) -> None:
 # The tree is assembled under build/, not <repo>/bundled/: runtime.py prefers <repo>/bundled/ over the system QEMU,
 # and a checkout's own runs (and its tests) must keep using the system one.
 
-BUNDLE_FORMAT = 1           # bump when the tree's layout or the manifest changes
+BUNDLE_FORMAT = 2           # bump when the tree's layout, the manifest or the assembly code changes
 BUNDLE_CACHE = ROOT / ".cache" / "bundle"
 BUNDLE_OUT = ROOT / "build" / "bundled"
 #: Packages build.py needs on the host to assemble (never the ones it bundles: those are downloaded).
@@ -602,8 +602,9 @@ def _bundle_key(target: str) -> str:
     """What the assembled tree depends on: this section of build.py, the packages apt would give, the inputs."""
     import hashlib
     digest = hashlib.sha256(f"{BUNDLE_FORMAT}|{target}".encode())
-    source = Path(__file__).read_text()
-    digest.update(source[source.index("# -- the portable bundle"):].encode())
+    # What is taken, and how: a change of the assembly code itself must bump BUNDLE_FORMAT.
+    digest.update(repr((LINUX_TAKE, WINDOWS_TAKE, OTHER_ARCH_FIRMWARE, sorted(HOST_LIBRARY_MODULES),
+                        sorted(GLIBC_SONAMES))).encode())
     take = LINUX_TAKE if target.startswith("linux") else WINDOWS_TAKE
     for name, record in sorted(_apt_records(list(take)).items()):
         digest.update(f"{name}={record['Version']}={record['SHA256']}".encode())
@@ -726,6 +727,15 @@ def build_exe(target: str, onedir: bool = False, archive: Path | None = None) ->
     return product
 
 
+def _build_lock() -> object:
+    """One bundle/exe build at a time on this checkout (tests and a developer may start one together)."""
+    import fcntl
+    BUNDLE_CACHE.mkdir(parents=True, exist_ok=True)
+    handle = open(BUNDLE_CACHE / ".build.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
 def bundle_main(command: str, argv: list[str]) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog=f"build.py {command}")
@@ -734,6 +744,7 @@ def bundle_main(command: str, argv: list[str]) -> int:
     parser.add_argument("--onedir", action="store_true", help="a one-folder build (for comparison)")
     parser.add_argument("--archive", type=Path, help="exe: use this packed runtime (from `build.py bundle`)")
     args = parser.parse_args(argv)
+    lock = _build_lock() if os.name != "nt" else None
     if command == "bundle":
         print(pack_bundle(assemble_bundle(args.target)))
         return 0
@@ -743,6 +754,7 @@ def bundle_main(command: str, argv: list[str]) -> int:
     elif importlib.util.find_spec("PyInstaller") is None and not VENV_PYTHON.exists():
         sys.exit("build.py: make .venv with PyInstaller and pywebview first (see .github/workflows/windows.yml)")
     print(build_exe(args.target, onedir=args.onedir, archive=args.archive.resolve() if args.archive else None))
+    del lock
     return 0
 
 

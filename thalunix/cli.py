@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from thalunix import __version__
 from thalunix.engine import CreateOptions, DirectEngine
-from thalunix.errors import ThalunixError, ValidationError
+from thalunix.errors import DataFolderError, ThalunixError, ValidationError
 from thalunix.model import (ACCELERATORS, BOOT_DEVICES, DISK_BUSES, DISK_FORMATS, DISPLAYS, FIRMWARES, MACHINES,
                             OS_HINTS, TPM_MODES, CDRom, Nic, PortForward, parse_ram_mib)
 
@@ -157,6 +157,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if host_cli.wants(args):
             return host_cli.run(engine, args)
         return _dispatch(engine, args)
+    except DataFolderError as error:
+        if engine is None and not args.command and not args.json and _choose_folder_in_window(args, error):
+            return 0   # not reached: the process was replaced by one on the chosen folder
+        print(f"thalunix: {error}", file=sys.stderr)
+        return 1
     except ThalunixError as error:
         if args.json:
             print(json.dumps({"error": error.code, "message": str(error),
@@ -169,6 +174,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if engine is not None:
             engine.close()   # VMs keep running; only this process lets go
+
+
+def _choose_folder_in_window(args: argparse.Namespace, error: DataFolderError) -> bool:
+    """Started for the window (a double-click) with an unusable data folder: say so in a window, let the user pick
+    another one and start again on it. False where no window can open (the message goes to stderr then)."""
+    from thalunix.gui import ask_for_another_folder, window_unavailable_reason
+    if window_unavailable_reason() is not None:
+        return False
+    chosen = ask_for_another_folder(str(error))
+    if not chosen:
+        sys.stdout.flush()
+        os._exit(1)   # pywebview may leave a thread behind
+    command = [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "thalunix"]
+    os.execv(command[0], [*command, "--data-dir", chosen])
+    return True
 
 
 def _dispatch(engine: DirectEngine, args: argparse.Namespace) -> int:

@@ -155,6 +155,48 @@ def _attach_drop(window: Any, bus: Any) -> None:
                                             stop_propagation=True)
 
 
+class FolderProblemBridge(Bridge):
+    """The page of :func:`ask_for_another_folder`: choose a folder, or quit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chosen: str | None = None
+
+    def choose(self) -> str | None:
+        chosen = self.pick_folder()
+        if chosen:
+            self._chosen = chosen
+            threading.Thread(target=self._window.destroy, daemon=True).start()
+        return chosen
+
+    def quit(self) -> None:
+        threading.Thread(target=self._window.destroy, daemon=True).start()
+
+
+def folder_problem_page(message: str) -> str:
+    import html
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{TITLE}</title></head>"
+            "<body style='font-family:sans-serif;margin:1.5em;line-height:1.4'>"
+            "<h2>Thalunix cannot use its data folder</h2>"
+            f"<p id='message'>{html.escape(message)}</p>"
+            "<p>Thalunix keeps its VMs, disks and settings in one folder. Choose a writable folder for them "
+            "(it is used for this run; start Thalunix with <code>--data-dir</code> to use it again).</p>"
+            "<button id='choose' onclick='window.pywebview.api.choose()'>Choose another folder…</button> "
+            "<button id='quit' onclick='window.pywebview.api.quit()'>Quit</button></body></html>")
+
+
+def ask_for_another_folder(message: str) -> str | None:
+    """The data folder cannot be used (a read-only stick, a full disk): say so in a small window with a folder
+    picker. Returns the folder chosen, or None when the user quit."""
+    import webview
+    bridge = FolderProblemBridge()
+    window = webview.create_window(TITLE, html=folder_problem_page(message), js_api=bridge, width=680,
+                                   height=320)
+    bridge._window = window
+    webview.start(private_mode=True)
+    return bridge._chosen
+
+
 def run_window(engine: DirectEngine, server: ApiServer | None = None, width: int = 1200, height: int = 800,
                on_shown: Callable[[Any], None] | None = None) -> bool:
     """Serve the API, open the window on it, block until it closes; returns whether VMs were stopped.
