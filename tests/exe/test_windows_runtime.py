@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -48,19 +49,22 @@ def test_qemu_for_windows_runs_under_wine_and_offers_whpx(windows_runtime: Path,
     assert ladder[:2] == ["whpx", "whpx,kernel-irqchip=off"] and ladder[-1] == "tcg", ladder
 
 
-def qmp_exchange(port: int, deadline: float) -> dict:
+def qmp_exchange(port: int, deadline: float, alive: Callable[[], bool]) -> dict:
     """Connect to QEMU's QMP over TCP (Windows QEMU has no UNIX sockets), ask query-status, then quit."""
-    import socket
     import time
     while True:
         try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
+            return _qmp_session(port)
+        except (OSError, ValueError):
+            # Not listening yet, or Wine's socket layer reset an early connection: try again.
+            if time.monotonic() > deadline or not alive():
                 raise
-            time.sleep(0.2)
-    with sock, sock.makefile("rwb") as stream:
+            time.sleep(0.5)
+
+
+def _qmp_session(port: int) -> dict:
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock, sock.makefile("rwb") as stream:
         def ask(command: str) -> dict:
             stream.write(json.dumps({"execute": command}).encode() + b"\n")
             stream.flush()
@@ -71,7 +75,8 @@ def qmp_exchange(port: int, deadline: float) -> dict:
         assert "QMP" in json.loads(stream.readline())
         ask("qmp_capabilities")
         status = ask("query-status")
-        ask("quit")
+        stream.write(b'{"execute": "quit"}\n')
+        stream.flush()
         return status
 
 
@@ -90,7 +95,7 @@ def test_firmware_folder_boots_the_bios_under_wine(windows_runtime: Path, wine: 
                             env=wine, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
                             stdin=subprocess.DEVNULL)
     try:
-        status = qmp_exchange(port, time.monotonic() + 240)
+        status = qmp_exchange(port, time.monotonic() + 240, alive=lambda: proc.poll() is None)
         assert status["return"]["status"] == "running", status
         _, errors = proc.communicate(timeout=120)
     finally:
