@@ -153,6 +153,23 @@ _TYPE_WORDS = {str: "a string", int: "a whole number", bool: "true or false", fl
                type(None): "null"}
 
 
+def body_fields(body: dict[str, Any], allowed: dict[str, Any], required: tuple[str, ...],
+                what: str) -> dict[str, Any]:
+    """``body`` checked against ``allowed`` (name → type hint): no unknown field, each of its type.
+
+    Example::
+
+        fields = body_fields(read_body(True), {"name": str, "force": bool}, ("name",), "a clone")
+    """
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise ValidationError(f"unknown field {unknown[0]!r}; {what} takes {', '.join(allowed)}", unknown[0])
+    for name in required:
+        if name not in body:
+            raise ValidationError(f"{name}: {what} needs it", name)
+    return {name: _check_type(value, allowed[name], name) for name, value in body.items()}
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):

@@ -32,7 +32,7 @@ from typing import Any
 
 import bottle
 
-from thalunix.api.app import _check_type, _json_response, _query_bool, api, read_body
+from thalunix.api.app import _json_response, _query_bool, api, body_fields, read_body
 from thalunix.api.openapi import NAME, NAME_SCHEMA, _body, _json, _operation, _ref
 from thalunix.engine import DirectEngine
 from thalunix.errors import ValidationError
@@ -48,17 +48,6 @@ PATH_PART_MAX = 255
 REPAIRS = ("leaks", "all")
 TPM_CHOICES = ("fresh", "copy")
 _OPTIONAL_TEXT = typing.Optional[str]
-
-
-def _fields(body: dict[str, Any], allowed: dict[str, Any], required: tuple[str, ...], what: str) -> dict[str, Any]:
-    """``body`` checked against ``allowed`` (name → type hint): no unknown field, each of its type."""
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise ValidationError(f"unknown field {unknown[0]!r}; {what} takes {', '.join(allowed)}", unknown[0])
-    for name in required:
-        if name not in body:
-            raise ValidationError(f"{name}: {what} needs it", name)
-    return {name: _check_type(value, allowed[name], name) for name, value in body.items()}
 
 
 def user_path(text: str, field: str, what: str) -> Path:
@@ -123,7 +112,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/disks")
     @api
     def add_disk(name: str) -> Any:
-        body = _fields(read_body(required=True), {"size": str, "path": str, "format": str, "bus": str,
+        body = body_fields(read_body(required=True), {"size": str, "path": str, "format": str, "bus": str,
                                                   "readonly": bool}, (), "adding a disk")
         if "size" in body and "path" in body:
             raise ValidationError("give either size (a new empty disk) or path (an existing image), not both", "path")
@@ -148,19 +137,19 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/disks/<disk>/resize")
     @api
     def resize_disk(name: str, disk: str) -> Any:
-        body = _fields(read_body(required=True), {"size": str, "force_shrink": bool}, ("size",), "a resize")
+        body = body_fields(read_body(required=True), {"size": str, "force_shrink": bool}, ("size",), "a resize")
         return engine.disk_resize(name, disk, body["size"], force_shrink=body.get("force_shrink", False))
 
     @app.post("/api/vms/<name>/disks/<disk>/convert")
     @api
     def convert_disk(name: str, disk: str) -> Any:
-        body = _fields(read_body(required=True), {"format": str}, ("format",), "a convert")
+        body = body_fields(read_body(required=True), {"format": str}, ("format",), "a convert")
         return _json_response(202, engine.disk_convert(name, disk, body["format"]))
 
     @app.post("/api/vms/<name>/disks/<disk>/check")
     @api
     def check_disk(name: str, disk: str) -> Any:
-        body = _fields(read_body(required=False), {"repair": _OPTIONAL_TEXT}, (), "a check")
+        body = body_fields(read_body(required=False), {"repair": _OPTIONAL_TEXT}, (), "a check")
         repair = body.get("repair")
         if repair is not None and repair not in REPAIRS:
             raise ValidationError(f"repair: {repair!r} is not a repair mode; choose leaks or all (or leave it out "
@@ -176,7 +165,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/snapshots")
     @api
     def create_snapshot(name: str) -> Any:
-        body = _fields(read_body(required=True), {"name": str, "description": str, "live": typing.Optional[bool]},
+        body = body_fields(read_body(required=True), {"name": str, "description": str, "live": typing.Optional[bool]},
                        ("name",), "a snapshot")
         description = body.get("description", "")
         if len(description) > DESCRIPTION_MAX:
@@ -200,7 +189,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/clone")
     @api
     def clone_vm(name: str) -> Any:
-        body = _fields(read_body(required=True), {"name": str, "linked": bool, "tpm": str}, ("name",), "a clone")
+        body = body_fields(read_body(required=True), {"name": str, "linked": bool, "tpm": str}, ("name",), "a clone")
         tpm = body.get("tpm", "fresh")
         if tpm not in TPM_CHOICES:
             raise ValidationError(f"tpm: {tpm!r}; choose fresh (a new, empty TPM) or copy (the source's TPM state)",
@@ -210,13 +199,13 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/export")
     @api
     def export_vm(name: str) -> Any:
-        body = _fields(read_body(required=True), {"file": str}, ("file",), "an export")
+        body = body_fields(read_body(required=True), {"file": str}, ("file",), "an export")
         return _json_response(202, engine.export(name, str(export_target(engine, body["file"]))))
 
     @app.post("/api/import")
     @api
     def import_vm() -> Any:
-        body = _fields(read_body(required=True), {"file": str, "name": _OPTIONAL_TEXT}, ("file",), "an import")
+        body = body_fields(read_body(required=True), {"file": str, "name": _OPTIONAL_TEXT}, ("file",), "an import")
         path = user_path(body["file"], "file", "the export file")
         if not path.is_file():
             raise ValidationError(f"file: {path} is not a file on this computer; check the path", "file")

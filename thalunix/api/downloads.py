@@ -23,7 +23,7 @@ from typing import Any
 
 import bottle
 
-from thalunix.api.app import _check_type, _json_response, api, read_body
+from thalunix.api.app import _json_response, api, body_fields, read_body
 from thalunix.api.openapi import _body, _json, _operation, _ref
 from thalunix.downloads.catalog import TRUST_LEVELS
 from thalunix.downloads.queue import JOB_STATES
@@ -33,17 +33,6 @@ from thalunix.errors import ValidationError
 #: What each status of an ISO means to a person (the UI shows the same words).
 ISO_STATUSES = ("ready", "missing", "downloading", "verifying", "quarantined")
 _OPTIONAL_TEXT = typing.Optional[str]
-
-
-def _fields(body: dict[str, Any], allowed: dict[str, Any], required: tuple[str, ...], what: str) -> dict[str, Any]:
-    """``body`` checked against ``allowed`` (name → type hint): no unknown field, each of its type."""
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise ValidationError(f"unknown field {unknown[0]!r}; {what} takes {', '.join(allowed)}", unknown[0])
-    for name in required:
-        if name not in body:
-            raise ValidationError(f"{name}: {what} needs it", name)
-    return {name: _check_type(value, allowed[name], name) for name, value in body.items()}
 
 
 def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
@@ -62,7 +51,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/isos")
     @api
     def add_iso() -> Any:
-        body = _fields(read_body(required=True), {"path": str, "sha256": _OPTIONAL_TEXT, "copy": bool,
+        body = body_fields(read_body(required=True), {"path": str, "sha256": _OPTIONAL_TEXT, "copy": bool,
                                                   "catalog_id": _OPTIONAL_TEXT}, ("path",), "adding an ISO")
         path = body["path"].strip()
         if not path:
@@ -79,7 +68,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/downloads")
     @api
     def start_download() -> Any:
-        body = _fields(read_body(required=True), {"source": str, "sha256": _OPTIONAL_TEXT}, ("source",),
+        body = body_fields(read_body(required=True), {"source": str, "sha256": _OPTIONAL_TEXT}, ("source",),
                        "a download")
         job_id = engine.download_iso(body["source"], sha256=(body.get("sha256") or "").strip() or None)
         return _json_response(202, engine.download(job_id))

@@ -26,7 +26,7 @@ from typing import Any
 
 import bottle
 
-from thalunix.api.app import _check_type, _json_response, _query_bool, api, create_options, read_body
+from thalunix.api.app import _json_response, _query_bool, api, body_fields, create_options, read_body
 from thalunix.api.openapi import NAME, NAME_SCHEMA, _body, _json, _operation, _ref
 from thalunix.engine import DirectEngine
 from thalunix.errors import ValidationError
@@ -38,16 +38,6 @@ SNAPSHOT = {"name": "snapshot", "in": "path", "required": True, "schema": {"type
                                                                           "maxLength": 64}}
 URI_PATTERN = r"^qemu(\+(ssh|tcp|tls|unix|libssh|libssh2|ext))?://\S*$"
 STOP_MAX = 3600
-
-
-def _fields(body: dict[str, Any], allowed: dict[str, Any], required: tuple[str, ...], what: str) -> dict[str, Any]:
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise ValidationError(f"unknown field {unknown[0]!r}; {what} takes {', '.join(allowed)}", unknown[0])
-    for name in required:
-        if name not in body:
-            raise ValidationError(f"{name}: {what} needs it", name)
-    return {name: _check_type(value, allowed[name], name) for name, value in body.items()}
 
 
 def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
@@ -62,7 +52,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
     @app.post("/api/hosts")
     @api
     def add_host() -> Any:
-        body = _fields(read_body(required=True), {"name": str, "uri": str, "network": typing.Optional[str],
+        body = body_fields(read_body(required=True), {"name": str, "uri": str, "network": typing.Optional[str],
                                                   "pool": typing.Optional[str]}, ("name", "uri"), "a host")
         host = manager.hosts.add(body["name"], body["uri"], network=body.get("network"), pool=body.get("pool"))
         return _json_response(201, asdict(host))
@@ -115,7 +105,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
             body = read_body(required=False)
             target = manager.engine(host)
             if verb == "stop":
-                fields = _fields(body, {"force": bool, "timeout": typing.Union[int, float]}, (), "stop")
+                fields = body_fields(body, {"force": bool, "timeout": typing.Union[int, float]}, (), "stop")
                 timeout = fields.get("timeout", 60)
                 if not (math.isfinite(timeout) and 0 < timeout <= STOP_MAX):
                     raise ValidationError(f"timeout: give seconds above 0, at most {STOP_MAX}", "timeout")
@@ -147,7 +137,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
     @app.post("/api/hosts/<host>/vms/<name>/console")
     @api
     def host_type(host: str, name: str) -> Any:
-        text = _fields(read_body(required=True), {"data": str}, ("data",), "console input")["data"]
+        text = body_fields(read_body(required=True), {"data": str}, ("data",), "console input")["data"]
         payload = text.encode("utf-8", errors="replace")
         manager.engine(host).send_serial(name, payload)
         return {"sent": len(payload)}
@@ -165,7 +155,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
     @app.post("/api/hosts/<host>/vms/<name>/snapshots")
     @api
     def host_snapshot(host: str, name: str) -> Any:
-        body = _fields(read_body(required=True), {"name": str, "description": str, "live": typing.Optional[bool]},
+        body = body_fields(read_body(required=True), {"name": str, "description": str, "live": typing.Optional[bool]},
                        ("name",), "a snapshot")
         row = manager.engine(host).snapshot_create(name, body["name"], description=body.get("description", ""),
                                                    live=body.get("live"))
@@ -185,7 +175,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
     @api
     def move_home(host: str, name: str) -> Any:
         from thalunix.libvirt.move import move_to_local
-        body = _fields(read_body(required=False), {"keep_source": bool}, (), "a move")
+        body = body_fields(read_body(required=False), {"keep_source": bool}, (), "a move")
         job = move_to_local(manager.engine(host), name, engine, keep_source=body.get("keep_source", False))
         return _json_response(202, job)
 
@@ -193,7 +183,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
     @api
     def move_away(name: str) -> Any:
         from thalunix.libvirt.move import move_to_host
-        body = _fields(read_body(required=True), {"to": str, "keep_source": bool}, ("to",), "a move")
+        body = body_fields(read_body(required=True), {"to": str, "keep_source": bool}, ("to",), "a move")
         job = move_to_host(engine, name, manager.engine(body["to"]), keep_source=body.get("keep_source", False))
         return _json_response(202, job)
 

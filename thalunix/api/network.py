@@ -23,23 +23,13 @@ from typing import Any
 
 import bottle
 
-from thalunix.api.app import _check_type, _json_response, _query_bool, _query_int, api, read_body
+from thalunix.api.app import _json_response, _query_bool, _query_int, api, body_fields, read_body
 from thalunix.api.openapi import NAME, _body, _json, _operation, _ref
 from thalunix.engine import DirectEngine
 from thalunix.errors import ValidationError
 from thalunix.model import NIC_MODELS, NIC_MODES
 
 _TEXT_OR_NULL = typing.Optional[str]
-
-
-def _fields(body: dict[str, Any], allowed: dict[str, Any], required: tuple[str, ...], what: str) -> dict[str, Any]:
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise ValidationError(f"unknown field {unknown[0]!r}; {what} takes {', '.join(allowed)}", unknown[0])
-    for name in required:
-        if name not in body:
-            raise ValidationError(f"{name}: {what} needs it", name)
-    return {name: _check_type(value, allowed[name], name) for name, value in body.items()}
 
 
 def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
@@ -51,7 +41,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/networks")
     @api
     def create_network() -> Any:
-        body = _fields(read_body(True), {"name": str, "description": str}, ("name",), "a network")
+        body = body_fields(read_body(True), {"name": str, "description": str}, ("name",), "a network")
         return _json_response(201, engine.network_create(body["name"], body.get("description", "")))
 
     @app.delete("/api/networks/<network>")
@@ -68,7 +58,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/nics")
     @api
     def add_nic(name: str) -> Any:
-        body = _fields(read_body(True), {"mode": str, "model": str, "network": str, "bridge": str, "tap": str,
+        body = body_fields(read_body(True), {"mode": str, "model": str, "network": str, "bridge": str, "tap": str,
                                          "mac": str, "forwards": list[str]}, (), "a network card")
         return _json_response(201, engine.nic_add(name, **body))
 
@@ -82,7 +72,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/forwards")
     @api
     def add_forward(name: str) -> Any:
-        body = _fields(read_body(True), {"spec": str, "card": int}, ("spec",), "a port forward")
+        body = body_fields(read_body(True), {"spec": str, "card": int}, ("spec",), "a port forward")
         return engine.forward_add(name, body["spec"], body.get("card", 1))
 
     @app.delete("/api/vms/<name>/forwards")
@@ -107,7 +97,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/usb")
     @api
     def usb_attach(name: str) -> Any:
-        body = _fields(read_body(True), {"device": str, "remember": bool}, ("device",), "plugging in a USB device")
+        body = body_fields(read_body(True), {"device": str, "remember": bool}, ("device",), "plugging in a USB device")
         return engine.usb_attach(name, body["device"], remember=body.get("remember", False))
 
     @app.delete("/api/vms/<name>/usb/<device>")
@@ -123,14 +113,14 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.post("/api/vms/<name>/copy-in")
     @api
     def copy_in(name: str) -> Any:
-        body = _fields(read_body(True), {"host_file": str, "guest_path": str}, ("host_file", "guest_path"),
+        body = body_fields(read_body(True), {"host_file": str, "guest_path": str}, ("host_file", "guest_path"),
                        "copying into the guest")
         return _json_response(202, engine.copy_in(name, body["host_file"], body["guest_path"]))
 
     @app.post("/api/vms/<name>/copy-out")
     @api
     def copy_out(name: str) -> Any:
-        body = _fields(read_body(True), {"guest_path": str, "host_file": str}, ("guest_path", "host_file"),
+        body = body_fields(read_body(True), {"guest_path": str, "host_file": str}, ("guest_path", "host_file"),
                        "copying out of the guest")
         return _json_response(202, engine.copy_out(name, body["guest_path"], body["host_file"]))
 
@@ -142,7 +132,7 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> None:
     @app.put("/api/vms/<name>/share")
     @api
     def set_share(name: str) -> Any:
-        body = _fields(read_body(True), {"folder": _TEXT_OR_NULL}, ("folder",), "a shared folder")
+        body = body_fields(read_body(True), {"folder": _TEXT_OR_NULL}, ("folder",), "a shared folder")
         return engine.share_set(name, body["folder"] or None)
 
 
