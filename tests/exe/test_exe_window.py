@@ -38,7 +38,9 @@ def test_without_gtk_it_serves_and_says_why(exe: Path, chroot: Chroot) -> None:
         assert "no window: GTK WebKit is missing" in why and "serving the interface instead" in why, why
         url = read_line(proc.stdout, 60).strip()
         assert url.startswith("http://127.0.0.1:") and "token=" in url
-        with urllib.request.urlopen(url, timeout=10) as answer:
+        # The link carries a one-time token the server swaps for a cookie (and a redirect): keep cookies.
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with opener.open(url, timeout=10) as answer:
             # the real interface, served from the runtime unpacked into the data folder (not a placeholder)
             assert answer.status == 200 and answer.read() == (REPO / "web" / "index.html").read_bytes()
     finally:
