@@ -237,7 +237,8 @@ def _fetch_debs(records: dict[str, dict[str, str]]) -> dict[str, Path]:
             missing.append(name)
     if missing:
         _bundle_log(f"downloading {len(missing)} Debian packages")
-        subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *[f"{n}={records[n]['Version']}" for n in missing]],
+        pinned = [f"{n}={records[n]['Version']}" for n in missing]
+        subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", *pinned],
                        cwd=folder, check=True, stdout=subprocess.DEVNULL)
         for name in missing:
             path = folder / Path(records[name]["Filename"]).name
@@ -366,8 +367,8 @@ def _write_sources(out: Path, manifest: dict) -> None:
                   f"{wheel['sha256']}); its licences are in `windows/`. QEMU's source: "
                   "https://download.qemu.org/ (the version `qemu-system-x86_64.exe --version` prints)."]
     if manifest.get("python_packages"):
-        lines += ["", "Inside the exe itself (not in this folder's bin/): Python and these Python packages; their licence "
-                  "files are in `python/<name>-<version>/`, their sources on PyPI at the URL:", ""]
+        lines += ["", "Inside the exe itself (not in this folder's bin/): Python and these Python packages; their "
+                  "licence files are in `python/<name>-<version>/`, their sources on PyPI at the URL:", ""]
         for entry in manifest["python_packages"]:
             lines.append(f"- {entry['name']} {entry['version']} ({entry['license'] or 'see its licence files'}): "
                          f"{entry['source_url']}")

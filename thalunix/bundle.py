@@ -199,10 +199,10 @@ def unpack(archive: EmbeddedArchive, target: Path) -> None:
                 dest = staging / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 digest = hashlib.sha256()
-                handle = tar.extractfile(member)
-                assert handle is not None
+                source_file = tar.extractfile(member)
+                assert source_file is not None
                 with open(dest, "wb") as sink:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
+                    while block := source_file.read(1 << 20):
                         digest.update(block)
                         sink.write(block)
                 os.chmod(dest, 0o755 if member.mode & 0o111 else 0o644)
@@ -288,7 +288,8 @@ def portable_environment(tmp_dir: Path, environ: dict[str, str] | Any = os.envir
 
 
 def prepare(data: Any) -> Path | None:
-    """Make a frozen Thalunix portable and its runtime findable; nothing from source (without ``$THALUNIX_BUNDLE_ARCHIVE``).
+    """Make a frozen Thalunix portable and its runtime findable; from source nothing happens (unless
+    ``$THALUNIX_BUNDLE_ARCHIVE`` names a packed runtime).
 
     ``data`` is the :class:`thalunix.store.DataFolder`. Returns the unpacked runtime's folder.
     """

@@ -94,9 +94,9 @@ def render(report: dict[str, Any]) -> str:
                  f"{'writable' if folder['writable'] else 'NOT WRITABLE'}, {folder['vms']} VMs)")
     bundle = report.get("bundle")
     if bundle:
+        wheels = "".join(f", {name} {version}" for name, version in bundle["wheels"].items())
         lines.append(f"Bundled runtime: {bundle['path']} ({bundle['target']}, built {bundle['built_at']}, "
-                     f"{bundle['files']} files from {len(bundle['packages'])} Debian packages"
-                     f"{', ' + ', '.join(f'{k} {v}' for k, v in bundle['wheels'].items()) if bundle['wheels'] else ''})")
+                     f"{bundle['files']} files from {len(bundle['packages'])} Debian packages{wheels})")
         lines.append(f"  manifest: {bundle['manifest']}   licences: {bundle['licences']} "
                      "(thalunix doctor --licences)")
     qemu = report["qemu"]

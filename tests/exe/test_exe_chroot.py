@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from exe.conftest import Chroot, wait_for_bytes
 
 # The first run builds the exe and the debootstrap tree (minutes); later runs reuse both.
@@ -132,6 +131,6 @@ def test_moved_folder_still_starts_its_vms(exe: Path, chroot: Chroot, guest) -> 
     assert shown["state"] == "stopped"
     boot_and_stop(chroot, f"{moved}/thalunix", "mover", f"{moved}/thalunix-data")
     doctor = chroot.run(f"{moved}/thalunix", "doctor").stdout
-    assert f"QEMU: 7." in doctor and f"at {moved}/thalunix-data/runtime/" in doctor
+    assert "QEMU: 7." in doctor and f"at {moved}/thalunix-data/runtime/" in doctor
     # The runtime unpacked at the old place is reused as it is: it moved with the folder.
     assert sorted(p.name for p in chroot.path(f"{moved}/thalunix-data/runtime").iterdir()) == runtime_before

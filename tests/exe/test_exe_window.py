@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from exe.conftest import REPO, Chroot
 
 pytestmark = [pytest.mark.exe, pytest.mark.timeout(2400)]
