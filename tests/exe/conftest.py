@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -83,19 +84,29 @@ def ensure_rootfs() -> Path:
 
 
 class Chroot:
-    """A throw-away copy of the bare Debian with /proc and /dev bound in; commands run in it through chroot."""
+    """A throw-away copy of the bare Debian with /proc and a minimal /dev; commands run in it through chroot."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.mounts: list[Path] = []
 
+    #: The device nodes the exe, Python and QEMU (TCG) open: name → (major, minor).
+    DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+
     def mount(self) -> None:
-        for name, args in (("proc", ["-t", "proc", "proc"]), ("dev", ["--bind", "/dev"]),
-                           ("dev/pts", ["--bind", "/dev/pts"])):
+        # /dev is a tmpfs of its own with just those nodes, not a bind of the host's: a killed run leaves its mounts
+        # behind, and a later rm -rf of the chroot (pytest sweeps old temp folders) must not reach the host's /dev.
+        for name, args in (("proc", ["-t", "proc", "proc"]),
+                           ("dev", ["-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs"])):
             point = self.root / name
             point.mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", *args, str(point)], check=True)
             self.mounts.append(point)
+        for name, (major, minor) in self.DEVICES.items():
+            os.mknod(self.root / "dev" / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(self.root / "dev" / name, 0o666)   # mknod is subject to the umask
+        (self.root / "dev" / "shm").mkdir()
+        os.symlink("/proc/self/fd", self.root / "dev" / "fd")
 
     def unmount(self) -> None:
         for point in reversed(self.mounts):
