@@ -64,3 +64,27 @@ def make_vm(engine: DirectEngine, guest):
         options.update(overrides)
         return engine.create(CreateOptions(**options))
     return make
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright, one for the whole session.
+
+    One instance only: Playwright's sync API runs its loop on the main thread, so a second
+    ``sync_playwright()`` while this one is open fails ("Sync API inside the asyncio loop").
+    """
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing; run `python3 build.py setup` (it installs the chromium package)")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+

@@ -5,6 +5,8 @@ No guest boots (the VM on the host has no boot medium; starting it is enough).""
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from pathlib import Path
 
@@ -14,18 +16,12 @@ from thalunix.api import ApiServer
 from thalunix.engine import CreateOptions
 from thalunix.libvirt.hosts import HostManager
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "ui"
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_hosts_panel_groups_vms_and_shows_errors(local_daemon, engine, make_vm) -> None:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing; run `python3 build.py setup`")
-    from playwright.sync_api import sync_playwright
+def test_hosts_panel_groups_vms_and_shows_errors(local_daemon, engine, make_vm, browser) -> None:
     make_vm("portable-vm")
     manager = HostManager(engine.data, engine.bus)
     manager.hosts.add("lab", local_daemon.uri)
@@ -36,9 +32,8 @@ def test_hosts_panel_groups_vms_and_shows_errors(local_daemon, engine, make_vm) 
     server = ApiServer(engine, heartbeat=5.0).start()
     errors: list[str] = []
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
+        # The session's one Chromium (tests/conftest.py); a page of its own, closed at the end.
+        with contextlib.closing(browser.new_page(viewport={"width": 1280, "height": 800})) as page:
             page.set_default_timeout(30_000)
             page.on("pageerror", lambda error: errors.append(str(error)))
             page.goto(server.launch_url)
@@ -68,7 +63,6 @@ def test_hosts_panel_groups_vms_and_shows_errors(local_daemon, engine, make_vm) 
             page.click('.host-group[data-host="gone"] .host-remove')
             page.click('#confirm-ok')
             page.wait_for_selector('.host-group[data-host="gone"]', state="detached")
-            browser.close()
         assert errors == []
         assert [h.name for h in manager.hosts.list()] == ["lab", "second"]
     finally:

@@ -23,9 +23,7 @@ import pytest
 from thalunix.api import ApiServer
 from thalunix.engine import DirectEngine
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+from conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402,F401 - one Chromium for every test folder
 WEB = Path(__file__).resolve().parents[2] / "web"
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "ui"
 
@@ -38,15 +36,10 @@ def _require_web() -> None:
 
 
 @pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+def browser(browser: Any) -> Any:
+    """The session's Chromium (tests/conftest.py), once the UI's npm packages are known to be there."""
     _require_web()
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
+    return browser
 
 
 @dataclass
