@@ -300,8 +300,13 @@ def serve_switch(data: DataFolder, name: str) -> int:
     """The switch process's body (``thalunix net serve-switch NAME``): hold the lock, publish the port, serve."""
     get_network(data, name)
     lock = FileLock(data.network_run_path(name, "lock"))
-    if not lock.acquire():
-        return 0   # another switch serves this network already
+    # switch_status() probes by taking the lock for an instant: only a lock held for a while means
+    # that another switch serves this network already.
+    deadline = time.monotonic() + 2.0
+    while not lock.acquire():
+        if time.monotonic() > deadline:
+            return 0
+        time.sleep(0.02)
     try:
         previous = data.read_json(data.network_run_path(name, "switch.json"), {}) or {}
         switch = Switch(data, name, int(previous.get("port", 0) or 0))

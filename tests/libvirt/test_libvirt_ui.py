@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 
-import os
 from pathlib import Path
 
 import pytest
