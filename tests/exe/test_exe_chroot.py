@@ -134,3 +134,24 @@ def test_moved_folder_still_starts_its_vms(exe: Path, chroot: Chroot, guest) -> 
     assert "QEMU: 7." in doctor and f"at {moved}/thalunix-data/runtime/" in doctor
     # The runtime unpacked at the old place is reused as it is: it moved with the folder.
     assert sorted(p.name for p in chroot.path(f"{moved}/thalunix-data/runtime").iterdir()) == runtime_before
+
+
+@pytest.mark.parametrize("tpm", ["native", "helper"])
+def test_uefi_and_tpm_from_the_bundle(exe: Path, chroot: Chroot, guest, tpm: str) -> None:
+    """OVMF, swtpm (native) and the TPM helper VM all come from the unpacked runtime: the bare Debian has none."""
+    stick = f"/media/tpm-{tpm}"
+    binary, iso = put_stick(chroot, exe, guest, stick)
+    data = f"{stick}/thalunix-data"
+    chroot.run(binary, "vm", "create", "secure", "--iso", iso, "--ram", "256M", "--cpus", "1", "--firmware", "uefi",
+               "--tpm", tpm)
+    boot_and_stop(chroot, binary, "secure", data)
+    vm = next(chroot.path(f"{data}/vms").iterdir())
+    argv = next(line for line in (vm / "logs" / "qemu.log").read_text().splitlines() if line.startswith("=== argv"))
+    assert re.search(rf"{data}/runtime/[0-9a-f]{{64}}/share/OVMF/OVMF_CODE_4M\.fd", argv), argv
+    assert "-tpmdev emulator" in argv
+    events = (vm / "logs" / "events.log").read_text()
+    if tpm == "native":
+        assert "TPM: native swtpm pid" in events, events
+        assert list((vm / "tpm").glob("tpm2-00.permall")), "the TPM state stays with the VM"
+    else:
+        assert re.search(r"TPM: helper VM on 127\.0\.0\.1:\d+", events), events

@@ -229,9 +229,12 @@ class TpmManager:
             log.write(f"=== thalunix: start {_now()} accel={accel}\n")
             log.flush()
             try:
+                # Frozen: the host is the exe again, as a program of its own (its own unpack folder), since it
+                # outlives this process and the one-file unpack folder this process's launcher removes at exit.
+                env = {**os.environ, "PYINSTALLER_RESET_ENVIRONMENT": "1"} if getattr(sys, "frozen", False) else None
                 proc = subprocess.Popen(helper_host_command(spec), cwd=run_dir, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=log, close_fds=True,
-                                        start_new_session=True)
+                                        start_new_session=True, env=env)
             except OSError as error:
                 raise TpmError(f"{config.label}: cannot start the TPM helper host: {error}") from None
         assert proc.stdout is not None
@@ -368,8 +371,8 @@ class TpmManager:
 def helper_host_command(spec: dict[str, Any]) -> list[str]:
     """How to run :mod:`thalunix.tpm.host` from this Thalunix (a source checkout or a frozen build)."""
     if getattr(sys, "frozen", False):
-        # A frozen build has no `-m`: its entry point must hand this hidden argument to thalunix.tpm.host.main
-        # (to be wired with the one-file build).
+        # A frozen build has no `-m`: its entry point (thalunix/__main__.py) hands this hidden argument to
+        # thalunix.tpm.host.main.
         return [sys.executable, "--tpm-helper-host", json.dumps(spec)]
     return [sys.executable, "-m", "thalunix.tpm.host", json.dumps(spec)]
 
