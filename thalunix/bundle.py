@@ -285,6 +285,10 @@ def portable_environment(tmp_dir: Path, environ: dict[str, str] | Any = os.envir
             environ.pop(name, None)
     for name in FROZEN_ONLY_ENV:
         environ.pop(name, None)
+    # The exe started again by this one (the TPM helper host, the network switch, the shared folder server)
+    # outlives it: it must be a program of its own, with its own unpack folder, not share this process's, which
+    # the one-file launcher removes when this process ends. The bootloader reads and clears this variable.
+    environ["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
 
 
 def prepare(data: Any) -> Path | None:

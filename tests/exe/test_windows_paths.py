@@ -172,4 +172,4 @@ def test_portable_environment_on_windows_names(tmp_path: Path) -> None:
     finally:
         tempfile.tempdir = saved
     assert environ == {"TEMP": str(tmp_path / "tmp"), "TMP": str(tmp_path / "tmp"), "TMPDIR": str(tmp_path / "tmp"),
-                       "LD_LIBRARY_PATH": "/opt/lib"}
+                       "LD_LIBRARY_PATH": "/opt/lib", "PYINSTALLER_RESET_ENVIRONMENT": "1"}

@@ -229,12 +229,9 @@ class TpmManager:
             log.write(f"=== thalunix: start {_now()} accel={accel}\n")
             log.flush()
             try:
-                # Frozen: the host is the exe again, as a program of its own (its own unpack folder), since it
-                # outlives this process and the one-file unpack folder this process's launcher removes at exit.
-                env = {**os.environ, "PYINSTALLER_RESET_ENVIRONMENT": "1"} if getattr(sys, "frozen", False) else None
                 proc = subprocess.Popen(helper_host_command(spec), cwd=run_dir, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.PIPE, stderr=log, close_fds=True,
-                                        start_new_session=True, env=env)
+                                        start_new_session=True)
             except OSError as error:
                 raise TpmError(f"{config.label}: cannot start the TPM helper host: {error}") from None
         assert proc.stdout is not None
