@@ -23,7 +23,7 @@ import pytest
 from thalunix.api import ApiServer
 from thalunix.engine import DirectEngine
 
-from conftest import CHROMIUM, CHROMIUM_ARGS  # noqa: E402,F401 - one Chromium for every test folder
+from chromium import CHROMIUM, CHROMIUM_ARGS  # noqa: E402,F401 - one Chromium for every test folder
 WEB = Path(__file__).resolve().parents[2] / "web"
 SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "ui"
 
