@@ -108,7 +108,10 @@ def test_prepare_registers_the_runtime_and_web_root(tmp_path: Path, data: DataFo
     monkeypatch.setenv(bundle.ENV_ARCHIVE, str(pack(tmp_path, FILES)))
     monkeypatch.setattr(runtime, "_unpacked_roots", [])
     monkeypatch.delenv(runtime.ENV_RUNTIME, raising=False)
-    monkeypatch.delenv(bundle.ENV_WEB, raising=False)
+    # setenv first: a plain delenv of an absent variable records nothing, and what prepare() sets would then
+    # outlive this test (every later window and server of the session would serve a deleted web folder).
+    monkeypatch.setenv(bundle.ENV_WEB, "")
+    monkeypatch.delenv(bundle.ENV_WEB)
     monkeypatch.setattr(bundle, "_prepared", None)
     root = bundle.prepare(data)
     assert root is not None and runtime.bundled_roots()[0] == root
