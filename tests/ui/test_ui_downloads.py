@@ -153,8 +153,11 @@ def test_quarantine_local_add_and_windows(ui, center: FakeCenter, engine: Direct
     reason = row.locator(".iso-reason").inner_text()
     assert "badsum-2.0-amd64.iso is corrupt or altered" in reason and "ab" * 32 in reason
     assert row.get_by_role("button").all_inner_texts() == ["Delete"]    # nothing offered for use
-    assert "Quarantined:" in page.inner_text(f'{_card("badsum")} .progress-text')
-    assert page.locator(f'{_card("badsum")} .download').inner_text() == "Try again"
+    # The card follows its own job.progress event, which may land just after the ISO list's refresh.
+    page.wait_for_function("sel => (document.querySelector(sel)?.innerText || '').includes('Quarantined:')",
+                           arg=f'{_card("badsum")} .progress-text', timeout=30_000)
+    page.wait_for_function("sel => document.querySelector(sel)?.innerText === 'Try again'",
+                           arg=f'{_card("badsum")} .download', timeout=30_000)
 
     # A local ISO with a SHA-256: a wrong one is refused next to its field, the right one adds it.
     iso = tmp_path / "rescue.iso"
