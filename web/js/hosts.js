@@ -10,7 +10,7 @@
  *   initHosts(document.getElementById('hosts-panel'));
  */
 
-import { ApiError } from './api.js';
+import { ApiError, request } from './api.js';
 import { confirmAction, formatRam, h, toast } from './ui.js';
 
 const CAUSES = { unreachable: 'Unreachable', authentication: 'Authentication failed', permission: 'Permission denied',
@@ -23,24 +23,8 @@ let hosts = null;               // last GET /api/hosts, or null before the first
 let busy = false;
 let again = false;
 
-async function call(method, path, body) {
-  const options = { method, headers: {}, credentials: 'same-origin' };
-  if (body !== undefined) {
-    options.headers['Content-Type'] = 'application/json';
-    options.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(path, options);
-  } catch (error) {
-    throw new ApiError(0, { error: 'offline', message: 'Thalunix is not answering; is it still running?' });
-  }
-  const text = await response.text();
-  let payload = null;
-  try { payload = text ? JSON.parse(text) : null; } catch (e) { payload = { message: text.slice(0, 200) }; }
-  if (!response.ok) throw new ApiError(response.status, payload);
-  return payload;
-}
+// One HTTP helper for the whole UI: api.js's request (errors as ApiError with the API's field).
+const call = request;
 
 const hostPath = (host, rest = '') => `/api/hosts/${encodeURIComponent(host)}${rest}`;
 export const listHosts = () => call('GET', '/api/hosts');

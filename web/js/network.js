@@ -14,31 +14,15 @@
  *   network.renderNetworkTab(panel, vm, 'running', () => reloadVm());
  */
 
-import { ApiError } from './api.js';
+import { ApiError, request } from './api.js';
 import { confirmAction, h, toast } from './ui.js';
 
 const MODES = [['user', 'NAT (internet, port forwards)'], ['restricted', 'NAT without internet access'],
                ['private', 'Private network between VMs'], ['bridge', 'Bridged to a host adapter'], ['none', 'Not connected']];
 const MODELS = ['virtio-net-pci', 'e1000e', 'e1000', 'rtl8139'];
 
-async function call(method, path, body) {
-  const options = { method, headers: {}, credentials: 'same-origin' };
-  if (body !== undefined) {
-    options.headers['Content-Type'] = 'application/json';
-    options.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(path, options);
-  } catch (error) {
-    throw new ApiError(0, { error: 'offline', message: 'Thalunix is not answering; is it still running?' });
-  }
-  const text = await response.text();
-  let payload = null;
-  try { payload = text ? JSON.parse(text) : null; } catch (e) { payload = { message: text.slice(0, 200) }; }
-  if (!response.ok) throw new ApiError(response.status, payload);
-  return payload;
-}
+// One HTTP helper for the whole UI: api.js's request (errors as ApiError with the API's field).
+const call = request;
 
 const vmPath = (id, rest = '') => `/api/vms/${encodeURIComponent(id)}${rest}`;
 export const listNetworks = () => call('GET', '/api/networks');
