@@ -31,7 +31,7 @@ RUN_PACKAGES = ["python3-venv", "qemu-system-x86", "qemu-utils", "ovmf", "swtpm"
                 "gir1.2-webkit2-4.1", "libgirepository1.0-dev", "libcairo2-dev", "pkg-config", "gcc", "python3-dev"]
 # What the test suite adds: the test guest's build tools (tests/guest/build.py keeps its own list).
 TEST_PACKAGES = ["nasm", "xvfb", "imagemagick", "xdotool",   # the window under Xvfb, screenshotted
-                 "tpm2-tools", "zstd", "lz4",   # TPM tests: NV through the helper; helper-vm/build.py
+                 "tpm2-tools",                  # TPM tests: NV through the helper (helper-vm/build.py adds its own)
                  "chromium",                    # UI tests: Playwright drives the system's Chromium
                  "curl",                        # bench/download.py's baseline
                  # tests/exe: a bare Debian to run the exe in, inotify over it, Wine for the Windows runtime,
@@ -45,8 +45,9 @@ TEST_PACKAGES += ["libvirt-daemon-system", "libvirt-clients", "libvirt-daemon-dr
 TEST_PACKAGES += ["libglib2.0-0", "libnuma1", "libudev1", "liburing2"]
 
 
-def _guest_packages() -> list[str]:
-    spec = importlib.util.spec_from_file_location("guest_build", ROOT / "tests" / "guest" / "build.py")
+def _script_list(script: Path, name: str) -> list[str]:
+    """A module-level list of package names from one of the repo's build scripts (they keep their own)."""
+    spec = importlib.util.spec_from_file_location(f"_thalunix_{script.parent.name}_build", script)
     if spec is None or spec.loader is None:
         return []
     module = importlib.util.module_from_spec(spec)
@@ -56,7 +57,16 @@ def _guest_packages() -> list[str]:
         spec.loader.exec_module(module)
     finally:
         sys.modules.pop(spec.name, None)
-    return list(getattr(module, "APT_PACKAGES", []))
+    return list(getattr(module, name, []))
+
+
+def _guest_packages() -> list[str]:
+    return _script_list(ROOT / "tests" / "guest" / "build.py", "APT_PACKAGES")
+
+
+def _helper_vm_packages() -> list[str]:
+    """What helper-vm/build.py needs on the host, its kernel compiler included."""
+    return _script_list(ROOT / "helper-vm" / "build.py", "HOST_PACKAGES")
 
 
 def _missing_debian_packages(names: list[str]) -> list[str]:
@@ -118,7 +128,7 @@ def ensure_web() -> None:
 
 
 def setup(for_tests: bool) -> None:
-    packages = RUN_PACKAGES + (TEST_PACKAGES + _guest_packages() if for_tests else [])
+    packages = RUN_PACKAGES + (TEST_PACKAGES + _guest_packages() + _helper_vm_packages() if for_tests else [])
     if sys.platform.startswith("linux"):
         install_debian_packages(packages)
     ensure_venv("test" if for_tests else "gui")
@@ -478,7 +488,7 @@ def _check_linux_bundle(out: Path) -> None:
 
 
 def assemble_linux(out: Path) -> dict:
-    install_debian_packages(BUNDLE_HOST_PACKAGES)
+    install_debian_packages(BUNDLE_HOST_PACKAGES + _helper_vm_packages())
     records = _apt_records(list(LINUX_TAKE))
     debs, files = _linux_binaries(LINUX_TAKE, records)
     files += _library_closure(files, records, debs)
@@ -525,7 +535,7 @@ def _windows_wheel() -> Path:
 
 def assemble_windows(out: Path) -> dict:
     import zipfile
-    install_debian_packages(BUNDLE_HOST_PACKAGES)
+    install_debian_packages(BUNDLE_HOST_PACKAGES + _helper_vm_packages())
     wheel = _windows_wheel()
     files: dict[str, dict[str, str]] = {}
     with zipfile.ZipFile(wheel) as archive:
@@ -720,7 +730,7 @@ def pack_bundle(tree: Path) -> Path:
     key = (tree / ".bundle-key").read_text()
     if archive.is_file() and key_file.is_file() and key_file.read_text() == key:
         return archive
-    # zstd -12: the helper VM's vmlinux packs in 3.4 s (-19: 45 s, 18 % smaller); the whole tree would take minutes
+    # zstd -12: the tree packs in seconds (-19: 18 % smaller, but minutes)
     # at -19 on 2 busy cores in CI, and unpacking is as fast either way.
     _bundle_log(f"packing {tree.name} (zstd -12)")
     names = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*") if p.is_file() and p.name != ".bundle-key")
@@ -805,7 +815,7 @@ def bundle_main(command: str, argv: list[str]) -> int:
         print(pack_bundle(assemble_bundle(args.target)))
         return 0
     if sys.platform.startswith("linux"):
-        install_debian_packages(RUN_PACKAGES + BUNDLE_HOST_PACKAGES)
+        install_debian_packages(RUN_PACKAGES + BUNDLE_HOST_PACKAGES + _helper_vm_packages())
         ensure_venv("test")   # PyInstaller and pywebview[gtk]
     elif importlib.util.find_spec("PyInstaller") is None and not VENV_PYTHON.exists():
         sys.exit("build.py: make .venv with PyInstaller and pywebview first (see .github/workflows/windows.yml)")

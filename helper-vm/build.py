@@ -2,12 +2,14 @@
 """Build (and cache) the swtpm helper micro-VM image from Debian packages.
 
 The helper is a tiny Linux VM whose only job is to run swtpm on TCP, for hosts where swtpm cannot
-run natively. Its image is three files: Debian's cloud kernel as an uncompressed PVH ``vmlinux``
-(QEMU boots it directly, skipping the decompressor); a small zstd initramfs with busybox, the
-virtio modules and ``/init`` (``init.sh`` beside this file); and a read-only ext4 root disk
-holding swtpm, mke2fs/e2fsck and their libraries (read on demand, so they cost no RAM up front).
-``manifest.json`` lists the files with their size and sha256 (Thalunix refuses a damaged image),
-the kernel command line, the guest's RAM and TCP ports and the packages used.
+run natively. Its image is three files: a kernel of its own (``bzImage``), compiled from Debian's
+``linux-source`` with ``kernel.config`` beside this file merged over ``tinyconfig`` — everything built
+in, LZ4-compressed; an uncompressed initramfs with static busybox and ``/init`` (``init.sh`` beside
+this file); and a read-only ext4 root disk holding swtpm, mke2fs/e2fsck and their libraries (read on
+demand, so they cost no RAM up front). ``manifest.json`` lists the files with their size and sha256
+(Thalunix refuses a damaged image), the kernel command line, the guest's RAM and TCP ports and the
+packages used; ``kernel.config`` is the kernel's full configuration (with the source package's
+version in the manifest, what its GPL source offer points at).
 
 Usage::
 
@@ -18,10 +20,14 @@ Usage::
     entry = ensure_helper_image()              # Path of a complete cache entry
 
 Cache: ``<repo>/.cache/helper-vm/<key>/`` where *key* is a sha256 over the exact .deb names and
-sha256s (from apt's index, checked against the downloaded files), this file and ``init.sh``.
-An entry is built in a temporary folder and renamed into place when complete; ``current``
-(written atomically) names the newest entry, which is how a checkout's Thalunix finds it.
-Host needs: apt-get, dpkg-deb, zstd, lz4, mke2fs (e2fsprogs). Nothing is installed on the host.
+sha256s (from apt's index, checked against the downloaded files), this file, ``init.sh`` and
+``kernel.config``. The compiled kernel has its own cache, ``kernel-<key>/``, keyed by the source
+package, ``kernel.config``, :data:`KERNEL_RECIPE` and the compiler, so editing ``init.sh`` does not
+recompile it (that takes ~4 minutes on two cores). An entry is built in a temporary folder and renamed
+into place when complete; ``current`` (written atomically) names the newest entry, which is how a
+checkout's Thalunix finds it.
+Host needs: apt-get, dpkg-deb, zstd, mke2fs (e2fsprogs), and to compile the kernel gcc, make, flex,
+bison, bc, xz-utils, libc6-dev and libelf-dev (objtool). Nothing is installed on the host by this script.
 """
 
 from __future__ import annotations
@@ -46,12 +52,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "helper-vm"
-FORMAT = 2  # bump when the image layout changes in a way Thalunix must know about
+FORMAT = 3  # bump when the image layout changes in a way Thalunix must know about
+#: bump when the way the kernel is compiled changes (kernel.config changes re-key by themselves)
+KERNEL_RECIPE = 1
 
 #: Debian packages the *host* needs to build the image.
-HOST_PACKAGES = ["zstd", "lz4", "dpkg", "e2fsprogs"]
+HOST_PACKAGES = ["zstd", "dpkg", "e2fsprogs", "xz-utils",
+                 "gcc", "libc6-dev", "make", "flex", "bison", "bc", "libelf-dev"]   # the kernel
 
-KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
+KERNEL_SOURCE_METAPACKAGE = "linux-source"
+KERNEL_CONFIG = HERE / "kernel.config"
 #: Packages the image is made of (downloaded, never installed). Shared libraries the binaries need
 #: are found by reading their ELF headers; a library in none of these packages fails the build.
 PACKAGES = ["busybox-static", "swtpm", "swtpm-libs", "libtpms0", "libssl3", "libseccomp2", "libc6",
@@ -61,22 +71,18 @@ BINARIES = [("swtpm", "usr/bin/swtpm", "bin/swtpm"),
             ("e2fsprogs", "sbin/mke2fs", "sbin/mke2fs"),
             ("e2fsprogs", "sbin/e2fsck", "sbin/e2fsck")]
 #: The busybox applets init.sh runs, linked at build time (``busybox --install`` at boot costs time under TCG).
-APPLETS = ["sh", "mount", "umount", "insmod", "ip", "findfs", "mkdir", "dd", "tr", "wc", "sync", "poweroff", "cat",
+APPLETS = ["sh", "mount", "umount", "ip", "findfs", "mkdir", "dd", "tr", "wc", "sync", "poweroff", "cat",
            "sleep", "ls"]
 #: Where init.sh mounts the root disk; the program interpreter link in the initramfs points there.
 RO_MOUNT = "ro"
 ROOT_LABEL = "thalunix-root"
 LIB_DIR = "lib/x86_64-linux-gnu"
-#: Drivers needed beyond what the cloud kernel builds in (ext4, crc32c, serial are built in).
-WANTED_MODULES = ["virtio_mmio", "virtio_pci", "virtio_net", "virtio_blk"]
 
 GUEST_DATA_PORT = 2321
 GUEST_CTRL_PORT = 2322
-#: Debian's stock kernel runs out of memory below 72-76 MiB (its image alone reserves ~44 MiB). 96 costs
-#: no more host memory than 80 (pages the guest never touches are never allocated) and keeps a margin.
-RAM_MIB = 96
-#: cryptomgr.notests: the crypto self-tests cost ~0.25 s of CPU under TCG at every boot.
-CMDLINE = "console=ttyS0 quiet panic=-1 mitigations=off cryptomgr.notests"
+#: The design's promise; the kernel and busybox leave swtpm most of it (see bench/RESULTS.md for the floor).
+RAM_MIB = 64
+CMDLINE = "console=ttyS0 quiet panic=-1"
 
 MANIFEST = "manifest.json"
 KEEP_ENTRIES = 3
@@ -131,19 +137,20 @@ def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
 
 
 def _resolve_once() -> list[dict[str, str]]:
-    records = _apt_show([KERNEL_METAPACKAGE, *PACKAGES])
-    meta = records.get(KERNEL_METAPACKAGE)
-    missing = [name for name in [KERNEL_METAPACKAGE, *PACKAGES] if name not in records]
+    """The kernel source package first, then :data:`PACKAGES`, each as apt's candidate .deb."""
+    records = _apt_show([KERNEL_SOURCE_METAPACKAGE, *PACKAGES])
+    meta = records.get(KERNEL_SOURCE_METAPACKAGE)
+    missing = [name for name in [KERNEL_SOURCE_METAPACKAGE, *PACKAGES] if name not in records]
     if missing or not meta:
         raise HelperBuildError(f"apt-cache knows no {', '.join(missing)}")
-    match = re.search(r"(linux-image-[0-9][^\s,(]*-cloud-amd64)", meta.get("Depends", ""))
+    match = re.search(r"(linux-source-[0-9][^\s,(]*)", meta.get("Depends", ""))
     if not match:
-        raise HelperBuildError(f"cannot find the kernel package in {meta.get('Depends')!r}")
-    kernel = _apt_show([match.group(1)]).get(match.group(1))
-    if not kernel:
+        raise HelperBuildError(f"cannot find the kernel source package in {meta.get('Depends')!r}")
+    source = _apt_show([match.group(1)]).get(match.group(1))
+    if not source:
         raise HelperBuildError(f"apt-cache knows no {match.group(1)}")
     result = []
-    for rec in [kernel] + [records[name] for name in PACKAGES]:
+    for rec in [source] + [records[name] for name in PACKAGES]:
         for field in ("Version", "Filename", "SHA256"):
             if not rec.get(field):
                 raise HelperBuildError(f"apt-cache show {rec['Package']}: no {field}")
@@ -169,7 +176,7 @@ def _resolve_packages(cache_root: Path, allow_update: bool = True) -> list[dict[
     fingerprint = _apt_fingerprint()
     try:
         data = json.loads(memo.read_text())
-        if data.get("fingerprint") == fingerprint:
+        if data.get("fingerprint") == fingerprint and data.get("request") == [KERNEL_SOURCE_METAPACKAGE, *PACKAGES]:
             return list(data["packages"])
     except (OSError, ValueError, KeyError):
         pass
@@ -182,7 +189,8 @@ def _resolve_packages(cache_root: Path, allow_update: bool = True) -> list[dict[
         packages = _resolve_once()
         fingerprint = _apt_fingerprint()
     temp = memo.with_suffix(f".{os.getpid()}.tmp")
-    temp.write_text(json.dumps({"fingerprint": fingerprint, "packages": packages}, indent=1))
+    temp.write_text(json.dumps({"fingerprint": fingerprint, "request": [KERNEL_SOURCE_METAPACKAGE, *PACKAGES],
+                                "packages": packages}, indent=1))
     os.replace(temp, memo)
     return packages
 
@@ -191,7 +199,7 @@ def _cache_key(packages: list[dict[str, str]]) -> str:
     digest = hashlib.sha256(f"format {FORMAT}\n".encode())
     for pkg in sorted(packages, key=lambda p: p["deb"]):
         digest.update(f"deb {pkg['deb']} {pkg['sha256']}\n".encode())
-    for source in (Path(__file__).resolve(), HERE / "init.sh"):
+    for source in (Path(__file__).resolve(), HERE / "init.sh", KERNEL_CONFIG):
         data = source.read_bytes()
         digest.update(f"file {source.name} {len(data)}\n".encode() + data)
     return digest.hexdigest()[:32]
@@ -214,7 +222,7 @@ def _download(packages: list[dict[str, str]], dest: Path) -> dict[str, Path]:
     return files
 
 
-# -- ELF: shared library needs and kernel module info -----------------------------------------------------
+# -- ELF: shared library needs -----------------------------------------------------------------------------
 
 def _elf_sections(data: bytes) -> dict[str, tuple[int, int, int]]:
     """name → (offset, size, link) of an ELF64 little-endian file's sections."""
@@ -254,72 +262,6 @@ def _needed(path: Path) -> list[str]:
             end = data.index(b"\0", strtab + value)
             names.append(data[strtab + value:end].decode())
     return names
-
-
-def _modinfo(ko: Path) -> dict[str, str]:
-    data = ko.read_bytes()
-    offset, size, _ = _elf_sections(data)[".modinfo"]
-    info: dict[str, str] = {}
-    for item in data[offset:offset + size].split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep and key.decode() not in info:
-            info[key.decode()] = value.decode(errors="replace")
-    return info
-
-
-def _select_modules(moddir: Path) -> list[tuple[str, Path]]:
-    """The wanted modules and their dependencies in load order; built-in ones are skipped."""
-    norm = lambda name: name.replace("-", "_")  # noqa: E731
-    kos = {norm(p.name[:-3]): p for p in moddir.rglob("*.ko")}
-    builtin = {norm(Path(line).name.split(".ko")[0])
-               for line in (moddir / "modules.builtin").read_text().split()} if (moddir / "modules.builtin").exists() \
-        else set()
-    order: list[tuple[str, Path]] = []
-    seen: set[str] = set()
-
-    def visit(name: str) -> None:
-        if name in seen:
-            return
-        seen.add(name)
-        ko = kos.get(name)
-        if ko is None:
-            if name not in builtin:
-                raise HelperBuildError(f"kernel module {name} is neither built in nor shipped")
-            return
-        for dependency in filter(None, _modinfo(ko).get("depends", "").split(",")):
-            visit(norm(dependency))
-        order.append((name, ko))
-
-    for wanted in WANTED_MODULES:
-        visit(norm(wanted))
-    return order
-
-
-def _extract_vmlinux(bzimage: Path, out: Path) -> str:
-    """The kernel's uncompressed ELF (bootable by QEMU as PVH) out of a bzImage; returns the compression."""
-    data = bzimage.read_bytes()
-    setup_sects = data[0x1F1] or 4
-    payload_offset, payload_length = struct.unpack_from("<II", data, 0x248)
-    start = (setup_sects + 1) * 512 + payload_offset
-    payload = data[start:start + payload_length]
-    if payload[:2] == b"\x1f\x8b":
-        kind, raw = "gzip", zlib.decompressobj(31).decompress(payload)
-    elif payload[:6] == b"\xfd7zXZ\x00":
-        kind, raw = "xz", lzma.decompress(payload[:-4], format=lzma.FORMAT_XZ)
-    elif payload[:4] == b"\x28\xb5\x2f\xfd":
-        kind = "zstd"
-        raw = _run(["zstd", "-d", "-c", "-q"], input=payload[:-4]).stdout  # the last 4 bytes are the size
-    elif payload[:4] == b"\x02\x21\x4c\x18":   # lz4 legacy frame (Debian's cloud kernel)
-        kind = "lz4"
-        raw = _run(["lz4", "-d", "-c", "-q"], input=payload[:-4]).stdout
-    elif payload[:3] == b"\x5d\x00\x00":
-        kind, raw = "lzma", lzma.decompress(payload[:-4], format=lzma.FORMAT_ALONE)
-    else:
-        raise HelperBuildError(f"{bzimage.name}: unknown kernel compression {payload[:6].hex()}")
-    if raw[:4] != b"\x7fELF":
-        raise HelperBuildError(f"{bzimage.name}: the decompressed payload is not an ELF kernel")
-    out.write_bytes(raw)
-    return kind
 
 
 # -- initramfs --------------------------------------------------------------------------------------------
@@ -401,24 +343,14 @@ def _make_rootfs(roots: dict[str, Path], staging: Path, out: Path) -> dict[str, 
     return {"content_bytes": content, "libraries": len(libraries)}
 
 
-def _strip_signature(module: bytes) -> bytes:
-    """A kernel module without its appended signature.
+def _make_initramfs(busybox: Path, out: Path) -> dict[str, int]:
+    """busybox, its applet links and /init, as an uncompressed cpio.
 
-    The kernel checks each signature with RSA when the module loads, which is slow under TCG; the
-    modules come from the same verified .deb as the kernel, and an unsigned module loads (tainting
-    the kernel) as long as signatures are not enforced, which they are not without Secure Boot.
+    Uncompressed: unpacking 1 MB of zstd took the kernel ~150 ms under TCG, for 1.5 MB saved in a
+    file the kernel frees once unpacked.
     """
-    magic = b"~Module signature appended~\n"
-    if not module.endswith(magic):
-        return module
-    sig_len = struct.unpack(">I", module[-len(magic) - 4:-len(magic)])[0]
-    return module[:-(len(magic) + 12 + sig_len)]
-
-
-def _make_initramfs(busybox: Path, modules: list[tuple[str, Path]], out: Path) -> dict[str, int]:
     cpio = _Cpio()
-    for folder in ("bin", "sbin", "dev", "proc", "sys", "tmp", "state", RO_MOUNT, "etc", "lib", "lib64",
-                   "lib/modules"):
+    for folder in ("bin", "sbin", "dev", "proc", "sys", "tmp", "state", RO_MOUNT, "etc", "lib", "lib64"):
         cpio.dir(folder)
     cpio.chardev("dev/console", 5, 1)
     cpio.file("init", (HERE / "init.sh").read_bytes(), 0o755)
@@ -429,53 +361,132 @@ def _make_initramfs(busybox: Path, modules: list[tuple[str, Path]], out: Path) -
         cpio.symlink(f"bin/{applet}", "busybox")
     # The program interpreter is looked up by its absolute path, not through the library path.
     cpio.symlink("lib64/ld-linux-x86-64.so.2", f"/{RO_MOUNT}/{LIB_DIR}/ld-linux-x86-64.so.2")
-    for name, ko in modules:
-        cpio.file(f"lib/modules/{name}.ko", _strip_signature(ko.read_bytes()))
-    cpio.file("lib/modules/load-order", ("\n".join(name for name, _ in modules) + "\n").encode())
     raw = cpio.finish()
-    # A 1 MiB window keeps the kernel's decompression buffer small in a small guest.
-    out.write_bytes(_run(["zstd", "-q", "-19", "--zstd=wlog=20", "-c"], input=raw).stdout)
-    return {"uncompressed_bytes": len(raw)}
+    out.write_bytes(raw)
+    return {"bytes": len(raw)}
+
+
+# -- the kernel -------------------------------------------------------------------------------------------
+
+def _wanted_config() -> dict[str, str]:
+    """kernel.config as symbol → value ("n" for ``# CONFIG_X is not set``)."""
+    wanted: dict[str, str] = {}
+    for line in KERNEL_CONFIG.read_text().splitlines():
+        unset = re.fullmatch(r"# (CONFIG_\w+) is not set", line.strip())
+        if unset:
+            wanted[unset.group(1)] = "n"
+        elif line.startswith("CONFIG_"):
+            name, _, value = line.partition("=")
+            wanted[name] = value
+    return wanted
+
+
+def _check_config(config_text: str) -> None:
+    """Every symbol of kernel.config must have its value after olddefconfig (Kconfig drops what it cannot set)."""
+    have: dict[str, str] = {}
+    for line in config_text.splitlines():
+        if line.startswith("CONFIG_"):
+            name, _, value = line.partition("=")
+            have[name] = value
+    wrong = [f"{name}={value} (got {have.get(name, 'n')})" for name, value in _wanted_config().items()
+             if have.get(name, "n") != value]
+    if wrong:
+        raise HelperBuildError("the helper kernel's configuration lost settings of helper-vm/kernel.config (a "
+                               "dependency is missing or the symbol was renamed): " + ", ".join(wrong))
+
+
+def _compiler() -> str:
+    return _run(["gcc", "--version"], text=True).stdout.splitlines()[0]
+
+
+def _kernel_key(source: dict[str, str]) -> str:
+    digest = hashlib.sha256(f"recipe {KERNEL_RECIPE}\ndeb {source['deb']} {source['sha256']}\n"
+                            f"cc {_compiler()}\n".encode())
+    digest.update(KERNEL_CONFIG.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _compile_kernel(source_deb: Path, work: Path, out: Path) -> dict[str, str]:
+    """``bzImage`` and its full ``config`` into *out*, from the linux-source .deb; returns the release."""
+    root = work / "x"
+    root.mkdir()
+    _run(["dpkg-deb", "-x", str(source_deb), str(root)])
+    tarballs = sorted((root / "usr" / "src").glob("linux-source-*.tar.xz"))
+    if len(tarballs) != 1:
+        raise HelperBuildError(f"{source_deb.name}: expected one linux-source tarball, found {tarballs}")
+    # Documentation is a quarter of the tree; Kconfig needs only its one Kconfig file.
+    top = tarballs[0].name[:-len(".tar.xz")]
+    _run(["tar", "-xJf", str(tarballs[0]), "-C", str(work), f"--exclude={top}/Documentation"])
+    _run(["tar", "-xJf", str(tarballs[0]), "-C", str(work), f"{top}/Documentation/Kconfig"])
+    tarballs[0].unlink()
+    tree = work / top
+    env = {**os.environ, "ARCH": "x86_64", "KBUILD_BUILD_USER": "thalunix", "KBUILD_BUILD_HOST": "helper-vm",
+           "KBUILD_BUILD_TIMESTAMP": "2024-01-01", "LC_ALL": "C"}
+    make = ["make", "-s", "-C", str(tree)]
+    _run([*make, "tinyconfig"], env=env)
+    _run(["sh", str(tree / "scripts" / "kconfig" / "merge_config.sh"), "-m", "-O", str(tree),
+          str(tree / ".config"), str(KERNEL_CONFIG)], env=env, cwd=tree)
+    _run([*make, "olddefconfig"], env=env)
+    config_text = (tree / ".config").read_text()
+    _check_config(config_text)
+    _run([*make, f"-j{os.cpu_count() or 1}", "bzImage"], env=env)
+    release = _run([*make, "kernelrelease"], env=env, text=True).stdout.strip()
+    shutil.copyfile(tree / "arch" / "x86" / "boot" / "bzImage", out / "bzImage")
+    (out / "config").write_text(config_text)
+    return {"release": release}
+
+
+def _ensure_kernel(source: dict[str, str], cache_root: Path, work: Path) -> Path:
+    """The compiled kernel's cache folder (``bzImage``, ``config``, ``kernel.json``), compiling it if needed."""
+    folder = cache_root / f"kernel-{_kernel_key(source)}"
+    if (folder / "kernel.json").is_file():
+        return folder
+    (work / "kdeb").mkdir()
+    deb = _download([source], work / "kdeb")[source["package"]]
+    out = work / "kernel"
+    out.mkdir()
+    started = time.monotonic()
+    info = _compile_kernel(deb, work, out)
+    info.update(source=source["package"], version=source["version"], compiler=_compiler(),
+                compile_seconds=str(round(time.monotonic() - started)))
+    (out / "kernel.json").write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(out, folder)
+    for old in cache_root.glob("kernel-*"):
+        if old != folder and old.stat().st_mtime < time.time() - 86400:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 # -- the build --------------------------------------------------------------------------------------------
 
-def _build(packages: list[dict[str, str]], work: Path, out: Path) -> dict:
+def _build(packages: list[dict[str, str]], work: Path, out: Path, cache_root: Path) -> dict:
     started = time.monotonic()
+    source, parts = packages[0], packages[1:]
+    kernel = _ensure_kernel(source, cache_root, work)
     debs = work / "debs"
     debs.mkdir()
-    files = _download(packages, debs)
+    files = _download(parts, debs)
     roots: dict[str, Path] = {}
-    for pkg in packages:
-        root = work / "x" / pkg["package"]
+    for pkg in parts:
+        root = work / "pkg" / pkg["package"]
         root.mkdir(parents=True)
         _run(["dpkg-deb", "-x", str(files[pkg["package"]]), str(root)])
         roots[pkg["package"]] = root
-    kernel_root = roots[packages[0]["package"]]
-    vmlinuz = sorted((kernel_root / "boot").glob("vmlinuz-*"))
-    if len(vmlinuz) != 1:
-        raise HelperBuildError(f"expected one vmlinuz in {kernel_root / 'boot'}, found {vmlinuz}")
-    version = vmlinuz[0].name[len("vmlinuz-"):]
-    config = dict(line.split("=", 1) for line in (kernel_root / "boot" / f"config-{version}").read_text().splitlines()
-                  if line.startswith("CONFIG_") and "=" in line)
-    for needed in ("CONFIG_PVH", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_DEVTMPFS", "CONFIG_EXT4_FS",
-                   "CONFIG_RD_ZSTD", "CONFIG_BLK_DEV_INITRD"):
-        if config.get(needed) != "y":
-            raise HelperBuildError(f"kernel {version}: {needed} is not built in")
-    compression = _extract_vmlinux(vmlinuz[0], out / "vmlinux")
-    modules = _select_modules(kernel_root / "lib" / "modules" / version)
-    initramfs = _make_initramfs(roots["busybox-static"] / "bin" / "busybox", modules, out / "initrd.img")
-    rootfs = _make_rootfs({pkg["package"]: roots[pkg["package"]] for pkg in packages[1:]}, work / "rootfs",
-                          out / "rootfs.img")
+    shutil.copyfile(kernel / "bzImage", out / "bzImage")
+    shutil.copyfile(kernel / "config", out / "kernel.config")
+    kernel_info = json.loads((kernel / "kernel.json").read_text())
+    initramfs = _make_initramfs(roots["busybox-static"] / "bin" / "busybox", out / "initrd.img")
+    rootfs = _make_rootfs(roots, work / "rootfs", out / "rootfs.img")
     return {
         "format": FORMAT,
-        "kernel": "vmlinux", "initrd": "initrd.img", "rootfs": "rootfs.img", "root_label": ROOT_LABEL,
+        "kernel": "bzImage", "initrd": "initrd.img", "rootfs": "rootfs.img", "root_label": ROOT_LABEL,
         "cmdline": CMDLINE, "ram_mib": RAM_MIB,
         "guest_ports": {"data": GUEST_DATA_PORT, "ctrl": GUEST_CTRL_PORT},
         "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256_file(out / name)}
-                  for name in ("vmlinux", "initrd.img", "rootfs.img")},
-        "kernel_version": version, "kernel_compression": compression,
-        "modules": [name for name, _ in modules], "initramfs": initramfs, "root_disk": rootfs,
+                  for name in ("bzImage", "initrd.img", "rootfs.img", "kernel.config")},
+        "kernel_version": kernel_info["release"], "kernel_source": f"{source['package']} {source['version']}",
+        "kernel_config": "kernel.config", "initramfs": initramfs, "root_disk": rootfs,
         "packages": packages,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started, 1),
@@ -504,7 +515,7 @@ def _build_entry(packages: list[dict[str, str]], key: str, cache_root: Path, ent
     with tempfile.TemporaryDirectory(prefix=".build-", dir=cache_root) as temp:
         out = Path(temp) / "out"
         out.mkdir()
-        manifest = _build(packages, Path(temp), out)
+        manifest = _build(packages, Path(temp), out, cache_root)
         manifest["key"] = key
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if entry.exists():

@@ -1,8 +1,8 @@
 #!/bin/sh
 # /init of the Thalunix swtpm helper micro-VM (busybox sh, PID 1). Copied into the initramfs by build.py.
 #
-# Loads the virtio drivers, mounts the read-only root disk (label thalunix-root: swtpm, e2fsprogs and
-# their libraries) on /ro, configures user-mode networking (10.0.2.15/24), prepares the TPM state disk
+# Mounts the read-only root disk (label thalunix-root: swtpm, e2fsprogs and their libraries) on /ro (the
+# kernel has every driver built in), configures user-mode networking (10.0.2.15/24), prepares the TPM state disk
 # (the other disk: formatted ext4 when blank, checked otherwise), and runs swtpm on TCP 2321 (TPM commands)
 # and 2322 (control channel). When swtpm exits (CMD_SHUTDOWN from the host) the state is synced and the VM
 # powers off, which ends QEMU. Lines starting with THALUNIX-HELPER are read by the host.
@@ -20,12 +20,8 @@ fail() {
     poweroff -f
 }
 
-while read -r mod; do
-    [ -n "$mod" ] && { insmod "/lib/modules/$mod.ko" 2>/dev/null || say "insmod $mod failed"; }
-done < /lib/modules/load-order
-
 ip link set lo up
-ip link set eth0 up || fail "no network device (virtio-net driver missing?)"
+ip link set eth0 up || fail "no network device (virtio-net missing from the kernel or the VM)"
 ip addr add 10.0.2.15/24 dev eth0
 ip route add default via 10.0.2.2
 

@@ -98,10 +98,11 @@ def test_helper_image_missing_or_damaged(engine: DirectEngine, make_vm, data_dir
     _assert_not_started(engine, "h", data_dir)
 
     truncated = _copy_image(helper_image, tmp_path / "truncated")
-    with open(truncated / "vmlinux", "r+b") as handle:
+    kernel = json.loads((truncated / "manifest.json").read_text())["kernel"]
+    with open(truncated / kernel, "r+b") as handle:
         handle.truncate(1 << 20)
     _set_runtime(engine, helper_vm=truncated)
-    with pytest.raises(HelperImageError, match=r"vmlinux is damaged \(1048576 bytes, expected"):
+    with pytest.raises(HelperImageError, match=rf"{kernel} is damaged \(1048576 bytes, expected"):
         engine.start("h")
     _assert_not_started(engine, "h", data_dir)
 
