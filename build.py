@@ -834,7 +834,8 @@ def main(argv: list[str]) -> int:
         # Compiling the helper VM's kernel takes minutes on a cold cache: here, not inside a test's time limit.
         print("build.py: the TPM helper VM image (helper-vm/build.py; cached once built)", flush=True)
         if subprocess.run([sys.executable, str(ROOT / "helper-vm" / "build.py")], cwd=ROOT).returncode:
-            print("build.py: the helper VM image did not build (above); its tests will fail with that reason", flush=True)
+            print("build.py: the helper VM image did not build (above); its tests will fail with that reason",
+                  flush=True)
         return subprocess.run([str(VENV_PYTHON), "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
     if command in ("bundle", "exe"):
         return bundle_main(command, argv[1:])
