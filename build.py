@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "helper-vm"))
+import debpkgs  # noqa: E402  (apt's records; shared with the helper VM and test guest builds)
 VENV = ROOT / ".venv"
 VENV_PYTHON = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
@@ -188,32 +190,17 @@ def _bundle_log(text: str) -> None:
     print(f"build.py: {text}", flush=True)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+_sha256 = debpkgs.sha256_file
 
 
 def _apt_records(names: list[str]) -> dict[str, dict[str, str]]:
     """apt's candidate record (Version, Source, SHA256, Depends, Filename…) of each package."""
-    done = subprocess.run(["apt-cache", "show", "--no-all-versions", *names], capture_output=True, text=True)
-    if not done.stdout.strip():
-        sys.exit(f"build.py: apt-cache show failed ({done.stderr.strip()}); run apt-get update")
-    records: dict[str, dict[str, str]] = {}
-    for paragraph in done.stdout.split("\n\n"):
-        fields: dict[str, str] = {}
-        key = ""
-        for line in paragraph.splitlines():
-            if line[:1] in (" ", "\t") and key:
-                fields[key] += "\n" + line.strip()
-            elif ":" in line:
-                key, _, value = line.partition(":")
-                fields[key] = value.strip()
-        if fields.get("Package") and fields["Package"] not in records:
-            records[fields["Package"]] = fields
+    try:
+        records = debpkgs.apt_show(names)
+    except debpkgs.DebError as error:
+        sys.exit(f"build.py: {error}")
+    if not records:
+        sys.exit(f"build.py: apt-cache show knows none of {' '.join(names[:5])}…; run apt-get update")
     return records
 
 

@@ -36,21 +36,21 @@ import argparse
 import fcntl
 import hashlib
 import json
-import lzma
 import os
 import re
 import shutil
-import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+import debpkgs  # noqa: E402  (apt candidates, verified downloads, cpio)
+
 DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "helper-vm"
 FORMAT = 3  # bump when the image layout changes in a way Thalunix must know about
 #: bump when the way the kernel is compiled changes (kernel.config changes re-key by themselves)
@@ -82,144 +82,50 @@ GUEST_DATA_PORT = 2321
 GUEST_CTRL_PORT = 2322
 #: The design's promise; the kernel and busybox leave swtpm most of it (see bench/RESULTS.md for the floor).
 RAM_MIB = 64
-CMDLINE = "console=ttyS0 quiet panic=-1"
+#: loglevel=3: only critical kernel messages reach the VM's log panel. PCI is built in for QEMUs without microvm
+#: (q35), and on microvm, which has no PCI, the kernel reports "PCI: Fatal: No config space access function found"
+#: at KERN_ERR at every boot, which reads like a failure. What can fail here, init.sh reports in its own lines.
+CMDLINE = "console=ttyS0 loglevel=3 panic=-1"
 
 MANIFEST = "manifest.json"
 KEEP_ENTRIES = 3
 
 
-class HelperBuildError(RuntimeError):
+class HelperBuildError(debpkgs.DebError):
     pass
 
 
-class _DownloadError(HelperBuildError):
-    """apt-get download failed or delivered other bytes than apt's index promised (stale lists)."""
+_DownloadError = debpkgs.DownloadError
+_sha256_file = debpkgs.sha256_file
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("check", True)
-    kw.setdefault("capture_output", True)
-    try:
-        return subprocess.run(cmd, **kw)
-    except FileNotFoundError as error:
-        raise HelperBuildError(f"{cmd[0]} not found; install the Debian packages {' '.join(HOST_PACKAGES)}") \
-            from error
-    except subprocess.CalledProcessError as error:
-        out = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr
-        raise HelperBuildError(f"command failed ({error.returncode}): {' '.join(map(str, cmd))}\n{out}") from error
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
+    return debpkgs.run(cmd, hint=f"install the Debian packages {' '.join(HOST_PACKAGES)}", **kw)
 
 
 # -- packages ---------------------------------------------------------------------------------------------
 
-def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
-    out = _run(["apt-cache", "show", "--no-all-versions", *names], check=False, text=True)
-    records: dict[str, dict[str, str]] = {}
-    for block in out.stdout.split("\n\n"):
-        rec: dict[str, str] = {}
-        key = None
-        for line in block.splitlines():
-            if line[:1] in (" ", "\t") and key:
-                rec[key] += "\n" + line.strip()
-            elif ":" in line:
-                key, _, value = line.partition(":")
-                rec[key] = value.strip()
-        if "Package" in rec and rec["Package"] not in records:
-            records[rec["Package"]] = rec
-    return records
-
-
 def _resolve_once() -> list[dict[str, str]]:
     """The kernel source package first, then :data:`PACKAGES`, each as apt's candidate .deb."""
-    records = _apt_show([KERNEL_SOURCE_METAPACKAGE, *PACKAGES])
-    meta = records.get(KERNEL_SOURCE_METAPACKAGE)
-    missing = [name for name in [KERNEL_SOURCE_METAPACKAGE, *PACKAGES] if name not in records]
-    if missing or not meta:
+    source = debpkgs.depends_on(KERNEL_SOURCE_METAPACKAGE, r"linux-source-[0-9][^\s,(]*")
+    records = debpkgs.apt_show(PACKAGES)
+    missing = [name for name in PACKAGES if name not in records]
+    if missing:
         raise HelperBuildError(f"apt-cache knows no {', '.join(missing)}")
-    match = re.search(r"(linux-source-[0-9][^\s,(]*)", meta.get("Depends", ""))
-    if not match:
-        raise HelperBuildError(f"cannot find the kernel source package in {meta.get('Depends')!r}")
-    source = _apt_show([match.group(1)]).get(match.group(1))
-    if not source:
-        raise HelperBuildError(f"apt-cache knows no {match.group(1)}")
-    result = []
-    for rec in [source] + [records[name] for name in PACKAGES]:
-        for field in ("Version", "Filename", "SHA256"):
-            if not rec.get(field):
-                raise HelperBuildError(f"apt-cache show {rec['Package']}: no {field}")
-        result.append({"package": rec["Package"], "version": rec["Version"],
-                       "deb": rec["Filename"].rsplit("/", 1)[-1], "sha256": rec["SHA256"]})
-    return result
-
-
-def _apt_fingerprint() -> str:
-    parts = []
-    for folder in ("/var/lib/apt/lists", "/etc/apt/sources.list.d", "/etc/apt/preferences.d"):
-        if Path(folder).is_dir():
-            for item in sorted(Path(folder).iterdir()):
-                if item.is_file() and item.name != "lock":
-                    info = item.stat()
-                    parts.append(f"{item}:{info.st_size}:{info.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return [debpkgs.candidate(record) for record in [source, *(records[name] for name in PACKAGES)]]
 
 
 def _resolve_packages(cache_root: Path, allow_update: bool = True) -> list[dict[str, str]]:
     """The current candidate .debs, memoised against apt's lists (apt-cache takes seconds)."""
-    memo = cache_root / "resolved.json"
-    fingerprint = _apt_fingerprint()
-    try:
-        data = json.loads(memo.read_text())
-        if data.get("fingerprint") == fingerprint and data.get("request") == [KERNEL_SOURCE_METAPACKAGE, *PACKAGES]:
-            return list(data["packages"])
-    except (OSError, ValueError, KeyError):
-        pass
-    try:
-        packages = _resolve_once()
-    except HelperBuildError:
-        if not allow_update:
-            raise
-        _run(["apt-get", "update"])
-        packages = _resolve_once()
-        fingerprint = _apt_fingerprint()
-    temp = memo.with_suffix(f".{os.getpid()}.tmp")
-    temp.write_text(json.dumps({"fingerprint": fingerprint, "request": [KERNEL_SOURCE_METAPACKAGE, *PACKAGES],
-                                "packages": packages}, indent=1))
-    os.replace(temp, memo)
-    return packages
+    return debpkgs.resolve_memoised(cache_root, [KERNEL_SOURCE_METAPACKAGE, *PACKAGES], _resolve_once, allow_update)
 
 
 def _cache_key(packages: list[dict[str, str]]) -> str:
-    digest = hashlib.sha256(f"format {FORMAT}\n".encode())
-    for pkg in sorted(packages, key=lambda p: p["deb"]):
-        digest.update(f"deb {pkg['deb']} {pkg['sha256']}\n".encode())
-    for source in (Path(__file__).resolve(), HERE / "init.sh", KERNEL_CONFIG):
-        data = source.read_bytes()
-        digest.update(f"file {source.name} {len(data)}\n".encode() + data)
-    return digest.hexdigest()[:32]
+    return debpkgs.packages_key(packages, [Path(__file__).resolve(), HERE / "init.sh", KERNEL_CONFIG,
+                                           HERE / "debpkgs.py"], salt=f"format {FORMAT}\n")
 
 
-def _download(packages: list[dict[str, str]], dest: Path) -> dict[str, Path]:
-    try:
-        _run(["apt-get", "-o", "APT::Sandbox::User=root", "download",
-              *[f"{p['package']}={p['version']}" for p in packages]], cwd=dest)
-    except HelperBuildError as error:
-        raise _DownloadError(str(error)) from None
-    files = {}
-    for pkg in packages:
-        found = list(dest.glob(f"{pkg['package']}_*.deb"))
-        if len(found) != 1:
-            raise _DownloadError(f"apt-get download left {found} for {pkg['package']}")
-        if _sha256_file(found[0]) != pkg["sha256"]:
-            raise _DownloadError(f"{found[0].name}: sha256 differs from apt's index; run apt-get update")
-        files[pkg["package"]] = found[0]
-    return files
+_download = debpkgs.download
 
 
 # -- ELF: shared library needs -----------------------------------------------------------------------------
@@ -265,38 +171,6 @@ def _needed(path: Path) -> list[str]:
 
 
 # -- initramfs --------------------------------------------------------------------------------------------
-
-class _Cpio:
-    """A cpio "newc" archive written in memory, so building needs neither root nor mknod."""
-
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
-        self.ino = 1000
-
-    def _add(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0), nlink: int = 1) -> None:
-        self.ino += 1
-        encoded = name.encode() + b"\0"
-        fields = (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0)
-        self.parts.append(b"070701" + b"".join(b"%08X" % v for v in fields) + encoded
-                          + b"\0" * (-(110 + len(encoded)) % 4))
-        self.parts.append(data + b"\0" * (-len(data) % 4))
-
-    def dir(self, name: str) -> None:
-        self._add(name, stat.S_IFDIR | 0o755, nlink=2)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self._add(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self._add(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int) -> None:
-        self._add(name, stat.S_IFCHR | 0o600, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._add("TRAILER!!!", 0)
-        return b"".join(self.parts)
-
 
 def _find_library(name: str, roots: dict[str, Path]) -> Path:
     for root in roots.values():
@@ -349,7 +223,7 @@ def _make_initramfs(busybox: Path, out: Path) -> dict[str, int]:
     Uncompressed: unpacking 1 MB of zstd took the kernel ~150 ms under TCG, for 1.5 MB saved in a
     file the kernel frees once unpacked.
     """
-    cpio = _Cpio()
+    cpio = debpkgs.Cpio()
     for folder in ("bin", "sbin", "dev", "proc", "sys", "tmp", "state", RO_MOUNT, "etc", "lib", "lib64"):
         cpio.dir(folder)
     cpio.chardev("dev/console", 5, 1)
@@ -544,7 +418,7 @@ def ensure_helper_image(cache_root: Path | None = None) -> Path:
                     if attempt == 2:
                         raise
                     # The .debs in apt's index may have left the archive: refresh the lists and re-key.
-                    _run(["apt-get", "update"])
+                    debpkgs.apt_update()
                     packages = _resolve_packages(cache_root, allow_update=False)
                     key = _cache_key(packages)
                     entry = cache_root / key

@@ -21,12 +21,10 @@ Nothing is pinned by hand: the current candidates are used and recorded in ``man
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -39,6 +37,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
 DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "guest"
+
+sys.path.insert(0, str(REPO_ROOT / "helper-vm"))
+import debpkgs  # noqa: E402  (helper-vm/debpkgs.py: apt candidates, verified downloads, cpio)
 
 # Debian packages the *host* needs to build the guest and to run the guest tests.
 APT_PACKAGES = [
@@ -111,41 +112,21 @@ class GuestImages:
     cmdline: str  # kernel command line for -kernel/-initrd direct boot
 
 
-class GuestBuildError(RuntimeError):
+class GuestBuildError(debpkgs.DebError):
     pass
 
 
-class _DownloadError(GuestBuildError):
-    """apt-get download failed or delivered something else than apt's index promised."""
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
+_DownloadError = debpkgs.DownloadError
+_Cpio = debpkgs.Cpio
+_sha256_file = debpkgs.sha256_file
+_apt_show = debpkgs.apt_show
+_apt_update = debpkgs.apt_update
+_download = debpkgs.download
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:
-    kw.setdefault("check", True)
-    kw.setdefault("stdout", subprocess.PIPE)
-    kw.setdefault("stderr", subprocess.PIPE)
     kw.setdefault("text", True)
-    try:
-        return subprocess.run(cmd, **kw)
-    except FileNotFoundError as e:
-        raise GuestBuildError(
-            f"{cmd[0]} not found; install the Debian packages {' '.join(APT_PACKAGES)}"
-        ) from e
-    except subprocess.CalledProcessError as e:
-        raise GuestBuildError(
-            f"command failed ({e.returncode}): {' '.join(map(str, cmd))}\n{e.stdout}\n{e.stderr}"
-        ) from e
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return debpkgs.run(cmd, hint=f"install the Debian packages {' '.join(APT_PACKAGES)}", **kw)
 
 
 def _source_files() -> list[Path]:
@@ -156,124 +137,22 @@ def _source_files() -> list[Path]:
 # package resolution (apt's index: exact .deb names and sha256s, without downloading)
 
 
-def _apt_fingerprint() -> str:
-    """Changes whenever apt's view of the archive may have changed (lists, sources, pins)."""
-    parts = []
-    for d in ("/var/lib/apt/lists", "/etc/apt/sources.list.d", "/etc/apt/preferences.d"):
-        p = Path(d)
-        if p.is_dir():
-            for f in sorted(p.iterdir()):
-                if f.is_file() and f.name != "lock":
-                    st = f.stat()
-                    parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    for f in ("/etc/apt/sources.list", "/etc/apt/preferences", "/var/lib/dpkg/arch"):
-        if os.path.exists(f):
-            st = os.stat(f)
-            parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _apt_show(names: list[str]) -> dict[str, dict[str, str]]:
-    out = _run(["apt-cache", "show", "--no-all-versions", *names], check=False)
-    records: dict[str, dict[str, str]] = {}
-    for block in out.stdout.split("\n\n"):
-        rec: dict[str, str] = {}
-        key = None
-        for line in block.splitlines():
-            if line[:1] in (" ", "\t") and key:
-                rec[key] += "\n" + line.strip()
-            elif ":" in line:
-                key, _, value = line.partition(":")
-                rec[key] = value.strip()
-        if "Package" in rec and rec["Package"] not in records:
-            records[rec["Package"]] = rec
-    return records
-
-
 def _resolve_once() -> list[dict[str, str]]:
-    recs = _apt_show([KERNEL_METAPACKAGE, BUSYBOX_PACKAGE])
-    meta = recs.get(KERNEL_METAPACKAGE)
-    if not meta or BUSYBOX_PACKAGE not in recs:
-        raise GuestBuildError(f"apt-cache knows no {KERNEL_METAPACKAGE} / {BUSYBOX_PACKAGE}")
-    m = re.search(r"(linux-image-[0-9][^\s,(]*-cloud-amd64)", meta.get("Depends", ""))
-    if not m:
-        raise GuestBuildError(f"cannot find the kernel package in {meta.get('Depends')!r}")
-    kernel = _apt_show([m.group(1)]).get(m.group(1))
-    if not kernel:
-        raise GuestBuildError(f"apt-cache knows no {m.group(1)}")
-    result = []
-    for rec in (kernel, recs[BUSYBOX_PACKAGE]):
-        for field in ("Version", "Architecture", "Filename", "SHA256"):
-            if not rec.get(field):
-                raise GuestBuildError(f"apt-cache show {rec['Package']}: no {field}")
-        result.append(
-            {
-                "package": rec["Package"],
-                "version": rec["Version"],
-                "architecture": rec["Architecture"],
-                "deb": rec["Filename"].rsplit("/", 1)[-1],
-                "sha256": rec["SHA256"],
-                "source": rec.get("Source", rec["Package"]),
-            }
-        )
-    return result
-
-
-def _apt_update() -> None:
-    _run(["apt-get", "update"], stdout=subprocess.DEVNULL)
+    kernel = debpkgs.depends_on(KERNEL_METAPACKAGE, r"linux-image-[0-9][^\s,(]*-cloud-amd64")
+    busybox = _apt_show([BUSYBOX_PACKAGE]).get(BUSYBOX_PACKAGE)
+    if not busybox:
+        raise GuestBuildError(f"apt-cache knows no {BUSYBOX_PACKAGE}")
+    return [debpkgs.candidate(kernel), debpkgs.candidate(busybox)]
 
 
 def _resolve_packages(cache_root: Path, allow_update: bool = True) -> list[dict[str, str]]:
     """The current candidate .debs; memoised against apt's list files (apt-cache is slow)."""
-    memo = cache_root / "resolved.json"
-    fp = _apt_fingerprint()
-    try:
-        data = json.loads(memo.read_text())
-        if data.get("fingerprint") == fp:
-            return data["packages"]
-    except (OSError, ValueError, KeyError):
-        pass
-    try:
-        pkgs = _resolve_once()
-    except GuestBuildError:
-        if not allow_update:
-            raise
-        _apt_update()
-        pkgs = _resolve_once()
-        fp = _apt_fingerprint()
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"fingerprint": fp, "packages": pkgs}, indent=1))
-    os.replace(tmp, memo)
-    return pkgs
+    return debpkgs.resolve_memoised(cache_root, [KERNEL_METAPACKAGE, BUSYBOX_PACKAGE], _resolve_once,
+                                    allow_update)
 
 
 def _cache_key(pkgs: list[dict[str, str]]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(pkgs, key=lambda p: p["deb"]):
-        h.update(f"deb {p['deb']} {p['sha256']}\n".encode())
-    for f in _source_files():
-        data = f.read_bytes()
-        h.update(f"file {f.name} {len(data)}\n".encode())
-        h.update(data)
-    return h.hexdigest()[:32]
-
-
-def _download(pkgs: list[dict[str, str]], dest: Path) -> dict[str, Path]:
-    specs = [f"{p['package']}={p['version']}" for p in pkgs]
-    try:
-        _run(["apt-get", "-o", "APT::Sandbox::User=root", "download", *specs], cwd=dest)
-    except GuestBuildError as e:
-        raise _DownloadError(str(e)) from e
-    files = {}
-    for p in pkgs:
-        found = [f for f in dest.glob(f"{p['package']}_*.deb")]
-        if len(found) != 1:
-            raise _DownloadError(f"apt-get download left {found} for {p['package']}")
-        digest = _sha256_file(found[0])
-        if digest != p["sha256"]:
-            raise _DownloadError(f"{found[0].name}: sha256 {digest} != index {p['sha256']}")
-        files[p["package"]] = found[0]
-    return files
+    return debpkgs.packages_key(pkgs, _source_files())
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,37 +221,7 @@ def _select_modules(moddir: Path) -> tuple[list[tuple[str, Path]], list[str], li
 
 
 # --------------------------------------------------------------------------------------------
-# initramfs (cpio "newc", written here so no root/mknod is needed)
-
-
-class _Cpio:
-    def __init__(self):
-        self.parts: list[bytes] = []
-        self.ino = 1000
-
-    def _add(self, name: str, mode: int, data: bytes = b"", rdev=(0, 0), nlink=1):
-        self.ino += 1
-        nameb = name.encode() + b"\0"
-        fields = (self.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(nameb), 0)
-        hdr = b"070701" + b"".join(b"%08X" % v for v in fields)
-        self.parts.append(hdr + nameb + b"\0" * (-(110 + len(nameb)) % 4))
-        self.parts.append(data + b"\0" * (-len(data) % 4))
-
-    def dir(self, name: str, mode=0o755):
-        self._add(name, stat.S_IFDIR | mode, nlink=2)
-
-    def file(self, name: str, data: bytes, mode=0o644):
-        self._add(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str):
-        self._add(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int, mode=0o600):
-        self._add(name, stat.S_IFCHR | mode, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._add("TRAILER!!!", 0)
-        return b"".join(self.parts)
+# initramfs
 
 
 def _kernel_config(config: Path) -> dict[str, str]:
