@@ -27,3 +27,7 @@ def tpm2_tools() -> dict[str, str]:
     if missing:
         pytest.fail(f"tpm2-tools is not installed ({', '.join(missing)}); run `python3 build.py setup`")
     return {}
+
+
+# The UI tests' fixtures (the real API server and Debian's Chromium through Playwright), for test_ui_tpm.py.
+from ui.conftest import browser, ui, ui_server  # noqa: E402,F401

@@ -64,3 +64,18 @@ def test_nv_survives_clean_restart_and_sigkill(helper_image: Path, tpm2_tools, t
         assert any("thalunix-tpm" in line for line in helper.lines), "the state disk was checked at boot"
     finally:
         helper.stop()
+
+
+def test_helper_on_q35_where_qemu_has_no_microvm(helper_image: Path, tpm2_tools, tmp_path: Path) -> None:
+    """QEMU builds without microvm boot the same image on q35 (virtio-pci): the kernel has both transports."""
+    image = HelperImage.load(helper_image)
+    qemu = Path(shutil.which("qemu-system-x86_64") or "qemu-system-x86_64")
+    helper = HelperVM(qemu, image, tmp_path / "state.img", machines=["q35", "pc"])
+    assert "q35" in helper.argv() and "virtio-blk-pci,drive=state" in helper.argv()
+    helper.start()
+    try:
+        tpm2(helper, "tpm2_startup", "-c")
+        assert len(tpm2(helper, "tpm2_getrandom", "--hex", "16")) == 32
+        assert not [line for line in helper.lines if "THALUNIX-HELPER-ERROR" in line]
+    finally:
+        assert helper.stop(), "the clean stop had to kill the helper"

@@ -224,7 +224,7 @@ class TpmManager:
                 "accel": accel, "machines": runtime.caps.machines,
                 "data_dir": str(runtime.data_dir) if runtime.data_dir else "",
                 "accept_timeout": HELPER_ACCEPT_TIMEOUT, "ready_timeout": self.helper_ready_timeout,
-                "name": f"{config.label}'s TPM helper"}
+                "name": f"{config.label}: TPM helper"}
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"=== thalunix: start {_now()} accel={accel}\n")
             log.flush()
