@@ -372,7 +372,9 @@ def _write_sources(out: Path, manifest: dict) -> None:
     helper = manifest.get("helper_vm") or {}
     if helper.get("packages"):
         lines += ["", "The TPM helper VM image (share/thalunix/helper-vm) is made of these Debian packages "
-                  "(licences in `debian/` too):", ""]
+                  "(licences in `debian/` too). Its kernel (Linux, GPL-2.0) is compiled from the linux-source "
+                  "package below, unmodified, with the configuration shipped beside it as `kernel.config`; "
+                  "the corresponding source is that Debian source package at that version:", ""]
         for entry in helper["packages"]:
             lines.append(f"- {entry['package']} {entry['version']}: source {entry['source']} "
                          f"{entry['source_version']}, {entry['source_url']}")
