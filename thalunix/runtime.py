@@ -244,7 +244,7 @@ class Runtime:
     data_dir: Path | None
     caps: Capabilities
     source: str  # "bundled" or "system"
-    #: The swtpm helper micro-VM image folder (manifest.json, vmlinux, initrd.img), if any.
+    #: The swtpm helper micro-VM image folder (manifest.json, bzImage, initrd.img, rootfs.img), if any.
     helper_vm: Path | None = None
 
     @classmethod
