@@ -31,7 +31,7 @@ def test_windows11_setup_option_in_the_new_vm_form(ui, engine: DirectEngine, tmp
     page.dispatch_event("#iso", "change")
     page.select_option("#os", "windows11")
     page.wait_for_selector("#win11_setup", state="visible")
-    page.wait_for_function("() => document.querySelector('#win11-why').textContent.length > 0")
+    page.wait_for_function("() => document.querySelector('#win11-why')?.textContent.length > 0")
     assert page.is_checked("#win11_setup")                   # on by default: this "host" has no TPM emulation
     why = page.text_content("#win11-why")
     assert "cannot emulate a TPM (-tpmdev is not an option of this QEMU)" in why and "stays yours" in why
@@ -67,7 +67,7 @@ def test_reset_firmware_settings_button(ui, engine: DirectEngine, make_vm) -> No
     assert store.is_file()                                   # cancelled: nothing happened
     page.click("#reset-firmware")
     page.click("#confirm-ok")
-    page.wait_for_function("() => document.querySelector('#reset-firmware-note').textContent.includes('are forgotten')")
+    page.wait_for_function("() => document.querySelector('#reset-firmware-note')?.textContent.includes('are forgotten')")
     assert not store.exists() and store.with_name("vars.qcow2.prev").is_file()
     ui.shoot("fw-reset-done")
     page.click("#cancel")

@@ -15,7 +15,7 @@ from thalunix.engine import DirectEngine
 
 pytestmark = pytest.mark.qemu
 
-LOG_TEXT = "() => document.querySelector('#log-text').textContent"
+LOG_TEXT = "() => document.querySelector('#log-text')?.textContent ?? ''"
 
 
 def test_helper_console_in_the_log_panel(ui, engine: DirectEngine, make_vm, data_dir: Path,

@@ -104,7 +104,7 @@ def test_beginner_runs_a_vm_from_the_window(ui, guest, engine: DirectEngine) -> 
 
     # -- the logs, appended live; another front pausing the VM shows up in its state and its log --------
     page.click("#tab-logs")
-    page.wait_for_function("() => document.querySelector('#log-text').textContent.includes('QMP event STOP')")
+    page.wait_for_function("() => document.querySelector('#log-text')?.textContent.includes('QMP event STOP')")
     stops = "() => document.querySelector('#log-text').textContent.split('QMP event STOP').length - 1"
     before = page.evaluate(stops)
     engine.pause("ui-guest")          # as the CLI would: the page hears it from the event stream
