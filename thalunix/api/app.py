@@ -170,6 +170,28 @@ def body_fields(body: dict[str, Any], allowed: dict[str, Any], required: tuple[s
     return {name: _check_type(value, allowed[name], name) for name, value in body.items()}
 
 
+VM_VERBS = ("start", "stop", "pause", "resume", "reset")
+
+
+def run_verb(engine: Any, verb: str, name: str, body: dict[str, Any]) -> Any:
+    """One of :data:`VM_VERBS` on a VM of ``engine`` (the local one or a libvirt host's), body checked first.
+
+    ``stop`` takes ``{"force": bool, "timeout": seconds}``; the others take no body. Returns the VM's status.
+    """
+    if verb == "stop":
+        fields = body_fields(body, {"force": bool, "timeout": typing.Union[int, float]}, (), "stop")
+        timeout = fields.get("timeout", 60)
+        if not (math.isfinite(timeout) and 0 < timeout <= STOP_TIMEOUT_MAX):
+            raise ValidationError(f"timeout: give seconds above 0, at most {STOP_TIMEOUT_MAX}", "timeout")
+        return engine.stop(name, force=fields.get("force", False), timeout=float(timeout))
+    if body:
+        raise ValidationError(f"{verb} takes no body", next(iter(body)))
+    if verb == "start":
+        return engine.start(name)
+    getattr(engine, verb)(name)
+    return engine.status(name)
+
+
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -289,27 +311,11 @@ def create_app(engine: DirectEngine, closing: threading.Event, web_root: Path | 
     def action(verb: str) -> Callable[[str], Any]:
         @api
         def run(name: str) -> Any:
-            body = read_body(required=False)
-            if verb == "stop":
-                unknown = sorted(set(body) - {"force", "timeout"})
-                if unknown:
-                    raise ValidationError(f"unknown field {unknown[0]!r}; stop takes force and timeout", unknown[0])
-                force = _check_type(body.get("force", False), bool, "force")
-                timeout = _check_type(body.get("timeout", 60), typing.Union[int, float], "timeout")
-                if not (isinstance(timeout, (int, float)) and math.isfinite(timeout)
-                        and 0 < timeout <= STOP_TIMEOUT_MAX):
-                    raise ValidationError(f"timeout: give seconds above 0, at most {STOP_TIMEOUT_MAX}", "timeout")
-                return engine.stop(name, force=force, timeout=float(timeout))
-            if body:
-                raise ValidationError(f"{verb} takes no body", next(iter(body)))
-            if verb == "start":
-                return engine.start(name)
-            getattr(engine, verb)(name)
-            return engine.status(name)
+            return run_verb(engine, verb, name, read_body(required=False))
         run.__name__ = f"{verb}_vm"
         return run
 
-    for verb in ("start", "stop", "pause", "resume", "reset"):
+    for verb in VM_VERBS:
         app.post(f"/api/vms/<name>/{verb}", callback=action(verb))
 
     @app.get("/api/vms/<name>/screenshot")

@@ -19,14 +19,14 @@ Example::
 
 from __future__ import annotations
 
-import math
 import typing
 from dataclasses import asdict
 from typing import Any
 
 import bottle
 
-from thalunix.api.app import _json_response, _query_bool, api, body_fields, create_options, read_body
+from thalunix.api.app import (VM_VERBS, _json_response, _query_bool, api, body_fields, create_options, read_body,
+                              run_verb)
 from thalunix.api.openapi import NAME, NAME_SCHEMA, _body, _json, _operation, _ref
 from thalunix.engine import DirectEngine
 from thalunix.errors import ValidationError
@@ -37,7 +37,6 @@ HOST = {"name": "host", "in": "path", "required": True, "description": "the host
 SNAPSHOT = {"name": "snapshot", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1,
                                                                           "maxLength": 64}}
 URI_PATTERN = r"^qemu(\+(ssh|tcp|tls|unix|libssh|libssh2|ext))?://\S*$"
-STOP_MAX = 3600
 
 
 def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
@@ -102,24 +101,11 @@ def add_routes(app: bottle.Bottle, engine: DirectEngine) -> HostManager:
     def action(verb: str) -> Any:
         @api
         def run(host: str, name: str) -> Any:
-            body = read_body(required=False)
-            target = manager.engine(host)
-            if verb == "stop":
-                fields = body_fields(body, {"force": bool, "timeout": typing.Union[int, float]}, (), "stop")
-                timeout = fields.get("timeout", 60)
-                if not (math.isfinite(timeout) and 0 < timeout <= STOP_MAX):
-                    raise ValidationError(f"timeout: give seconds above 0, at most {STOP_MAX}", "timeout")
-                return target.stop(name, force=fields.get("force", False), timeout=float(timeout))
-            if body:
-                raise ValidationError(f"{verb} takes no body", next(iter(body)))
-            if verb == "start":
-                return target.start(name)
-            getattr(target, verb)(name)
-            return target.status(name)
+            return run_verb(manager.engine(host), verb, name, read_body(required=False))
         run.__name__ = f"host_{verb}_vm"
         return run
 
-    for verb in ("start", "stop", "pause", "resume", "reset"):
+    for verb in VM_VERBS:
         app.post(f"/api/hosts/<host>/vms/<name>/{verb}", callback=action(verb))
 
     @app.get("/api/hosts/<host>/vms/<name>/screenshot")
