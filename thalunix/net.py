@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -351,17 +350,9 @@ def ensure_switch(data: DataFolder, name: str, timeout: float = 20.0) -> int:
         log_path = data.network_run_path(name, "switch.log")
         stale = data.network_run_path(name, "switch.json")
         previous = data.read_json(stale, {}) or {}
+        from thalunix.qemu import process
         with open(log_path, "ab") as log:
-            kwargs: dict[str, Any] = {}
-            if os.name == "nt":
-                kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-                                           | subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
-            else:
-                kwargs["start_new_session"] = True
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-                filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
-            proc = subprocess.Popen(_switch_command(data, name), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    close_fds=True, env=env, **kwargs)
+            proc = process.spawn_own(_switch_command(data, name), log)
         while time.monotonic() < deadline:
             status = switch_status(data, name)
             info = data.read_json(stale, {}) or {}

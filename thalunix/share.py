@@ -31,7 +31,6 @@ import html
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -370,7 +369,7 @@ def serve_for(data: DataFolder, config: VMConfig, timeout: float = 20.0) -> "End
     """Start the VM's share server process (or keep the one serving this folder); the endpoint for guestfwd."""
     from thalunix.qemu import process
     from thalunix.qemu.argv import Endpoint
-    folder = folder_of(data, config)
+    folder_of(data, config)   # a missing folder fails here, before any server starts
     record_path = _record(data, config)
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record = data.read_json(record_path, {}) or {}
@@ -383,17 +382,8 @@ def serve_for(data: DataFolder, config: VMConfig, timeout: float = 20.0) -> "End
             time.sleep(0.05)
     log_path = data.vm_path(config.id, "logs", "share.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "ab") as log:
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = (subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-                                       | subprocess.CREATE_NO_WINDOW)  # type: ignore[attr-defined]
-        else:
-            kwargs["start_new_session"] = True
-        proc = subprocess.Popen(_helper_command(data, config), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                close_fds=True, env=env, **kwargs)
+        proc = process.spawn_own(_helper_command(data, config), log)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = data.read_json(record_path, {}) or {}

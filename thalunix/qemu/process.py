@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 
-def spawn(argv: list[str], cwd: Path, log: IO[bytes], env: dict[str, str] | None = None,
+def spawn(argv: list[str], cwd: Path | None, log: IO[bytes], env: dict[str, str] | None = None,
           pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
     """Start ``argv`` detached from our terminal and process group, so it outlives us when asked to."""
     kwargs: dict = {}
@@ -40,6 +40,14 @@ def spawn(argv: list[str], cwd: Path, log: IO[bytes], env: dict[str, str] | None
         from thalunix.qemu.winjob import default_job
         default_job().adopt(proc)
     return proc
+
+
+def spawn_own(argv: list[str], log: IO[bytes]) -> subprocess.Popen:
+    """Start one of Thalunix's own background processes (a network switch, a share server) like QEMU,
+    detached, with this Thalunix importable whatever the working directory."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    return spawn(argv, cwd=None, log=log, env=env)
 
 
 def start_token(pid: int) -> str:
