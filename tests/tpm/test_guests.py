@@ -35,9 +35,12 @@ def test_native_swtpm_uefi_guest(engine: DirectEngine, make_vm, data_dir: Path) 
     events = engine.data.vm_path(config.id, "logs", "events.log").read_text()
     assert "TPM: native swtpm pid" in events
     assert "-tpmdev" in engine.supervisor.sessions[config.id].record.argv
+    in_use = engine.status("native")["tpm"]
+    assert in_use["backend"] == "native" and in_use["detail"].startswith("native swtpm, pid ")
     boot_to_prompt(engine, "native")
     assert_measured(*pcr0(engine, "native"))
-    assert engine.stop("native", force=True)["state"] == "stopped"
+    stopped = engine.stop("native", force=True)
+    assert stopped["state"] == "stopped" and stopped["tpm"] is None
     assert engine.supervisor.tpm.wait_released(config)
     assert wait_no_processes(data_dir) == []
     # The TPM's state stays in the VM's folder for the next start.

@@ -1,6 +1,6 @@
 """The TPM in the interface, in headless Chromium over the real API: a UEFI VM whose TPM comes from the helper
 micro-VM shows the helper's console in its log panel while it starts (the issue's "its log shows in the VM's
-console panel"), the details name the backend, and stopping the VM ends the helper.
+console panel"), the details name the backend in use and its port, and stopping the VM ends the helper.
 Screenshots: tests/artifacts/ui/tpm-helper-log-*.png.
 """
 
@@ -33,6 +33,13 @@ def test_helper_console_in_the_log_panel(ui, engine: DirectEngine, make_vm, data
     text = page.evaluate(LOG_TEXT)
     assert text.index("THALUNIX-HELPER: starting swtpm") < text.index("TPM: helper VM on 127.0.0.1")
     ui.shoot("tpm-helper-log")
+
+    # The details say which backend "helper" (or "auto") is using, and where.
+    assert engine.status("helped")["tpm"]["backend"] == "helper"
+    page.click("#tab-details")
+    page.wait_for_function("() => [...document.querySelectorAll('table.details tr')].some(row => "
+                           "row.textContent.includes('in use: swtpm in the helper VM, on 127.0.0.1:'))")
+    ui.shoot("tpm-helper-details", themes=("light",))
 
     page.click("#action-force")                  # the guest is not waited for: the helper's end is the point
     page.wait_for_selector("dialog#confirm[open]")

@@ -266,7 +266,10 @@ def openapi_document() -> dict[str, Any]:
                     "pid": {"type": "integer", "nullable": True}, "accel": {"type": "string", "nullable": True},
                     "started_at": {"type": "string", "nullable": True},
                     "websocket_port": {"type": "integer", "nullable": True},
-                    "attached": {"type": "boolean"}, "last_exit": {"type": "object"}}},
+                    "attached": {"type": "boolean"}, "last_exit": {"type": "object"},
+                    "tpm": {"type": "object", "nullable": True, "description": "the TPM backend a running VM uses",
+                            "properties": {"backend": {"type": "string", "enum": ["native", "helper"]},
+                                           "detail": {"type": "string"}}}}},
                 "VMDetail": {"allOf": [_ref("VMConfig"), {"type": "object", "required": ["state", "status"],
                                                           "properties": {
                     "state": {"type": "string", "enum": list(STATES)}, "status": _ref("VMStatus"),

@@ -435,16 +435,28 @@ class Supervisor:
             record = session.record
             return {"state": session.state, "pid": record.pid, "accel": record.accel,
                     "started_at": record.started_at, "websocket_port": record.websocket_port,
-                    "attached": True, "last_exit": last_exit}
+                    "attached": True, "last_exit": last_exit, "tpm": self._tpm_in_use(config)}
         record = self._record(config)
         if record and process.is_alive(record.pid, record.token):
             # Driven by another Thalunix process: report what it last recorded.
             return {"state": record.state, "pid": record.pid, "accel": record.accel,
                     "started_at": record.started_at, "websocket_port": record.websocket_port,
-                    "attached": False, "last_exit": last_exit}
+                    "attached": False, "last_exit": last_exit, "tpm": self._tpm_in_use(config)}
         state = "crashed" if last_exit.get("state") == "crashed" else "stopped"
         return {"state": state, "pid": None, "accel": None, "started_at": None, "websocket_port": None,
-                "attached": False, "last_exit": last_exit}
+                "attached": False, "last_exit": last_exit, "tpm": None}
+
+    def _tpm_in_use(self, config: VMConfig) -> dict[str, str] | None:
+        """The running VM's TPM backend, in words (which one ``auto`` picked matters to the user)."""
+        lease = self.tpm.lease(config)
+        if lease is None:
+            return None
+        if lease.backend == "helper":
+            detail = (f"swtpm in the helper VM, on 127.0.0.1:{lease.info.get('data_port', '?')} "
+                      f"(control {lease.info.get('ctrl_port', '?')})")
+        else:
+            detail = f"native swtpm, pid {lease.pid}"
+        return {"backend": lease.backend, "detail": detail}
 
     def try_attach(self, config: VMConfig) -> VMSession | None:
         """Re-attach to a VM left running by an earlier Thalunix; None if it is not running or is locked."""

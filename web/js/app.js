@@ -567,7 +567,7 @@ function renderDetails() {
     row('Memory', formatRam(vm.ram_mib)),
     row('Virtual CPUs', String(vm.cpus)),
     row('Firmware', vm.firmware),
-    row('TPM', vm.tpm),
+    row('TPM', vm.tpm, vm.status?.tpm && UP.has(state()) ? ` · in use: ${vm.status.tpm.detail}` : ''),
     row('Machine / accelerator', `${vm.machine} / ${vm.accel}`,
         vm.status?.accel && UP.has(state()) ? ` (running on ${vm.status.accel})` : ''),
     row('Screen', { vnc: 'embedded (VNC)', native: "QEMU's own window", none: 'none' }[vm.display.kind] || vm.display.kind),
