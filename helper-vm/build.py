@@ -27,7 +27,7 @@ recompile it (that takes ~4 minutes on two cores). An entry is built in a tempor
 into place when complete; ``current`` (written atomically) names the newest entry, which is how a
 checkout's Thalunix finds it.
 Host needs: apt-get, dpkg-deb, zstd, mke2fs (e2fsprogs), and to compile the kernel gcc, make, flex,
-bison, bc, xz-utils, libc6-dev and libelf-dev (objtool). Nothing is installed on the host by this script.
+bison, bc, xz-utils, bzip2, libc6-dev and libelf-dev (objtool). Nothing is installed on the host by this script.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ FORMAT = 3  # bump when the image layout changes in a way Thalunix must know abo
 KERNEL_RECIPE = 1
 
 #: Debian packages the *host* needs to build the image.
-HOST_PACKAGES = ["zstd", "dpkg", "e2fsprogs", "xz-utils",
+HOST_PACKAGES = ["zstd", "dpkg", "e2fsprogs", "xz-utils", "bzip2",
                  "gcc", "libc6-dev", "make", "flex", "bison", "bc", "libelf-dev"]   # the kernel
 
 KERNEL_SOURCE_METAPACKAGE = "linux-source"
@@ -255,18 +255,23 @@ def _wanted_config() -> dict[str, str]:
     return wanted
 
 
-def _check_config(config_text: str) -> None:
-    """Every symbol of kernel.config must have its value after olddefconfig (Kconfig drops what it cannot set)."""
+def _check_config(config_text: str, defined: set[str]) -> list[str]:
+    """Every symbol of kernel.config this kernel defines must have its value after olddefconfig (Kconfig drops
+    what a missing dependency forbids); the ones it does not define at all are returned (e.g. RANDOM_TRUST_CPU,
+    gone in 6.2, where trusting the CPU's RNG became the default)."""
     have: dict[str, str] = {}
     for line in config_text.splitlines():
         if line.startswith("CONFIG_"):
             name, _, value = line.partition("=")
             have[name] = value
-    wrong = [f"{name}={value} (got {have.get(name, 'n')})" for name, value in _wanted_config().items()
-             if have.get(name, "n") != value]
+    wanted = _wanted_config()
+    absent = sorted(name for name in wanted if name not in defined)
+    wrong = [f"{name}={value} (got {have.get(name, 'n')})" for name, value in wanted.items()
+             if name in defined and have.get(name, "n") != value]
     if wrong:
         raise HelperBuildError("the helper kernel's configuration lost settings of helper-vm/kernel.config (a "
                                "dependency is missing or the symbol was renamed): " + ", ".join(wrong))
+    return absent
 
 
 def _compiler() -> str:
@@ -285,13 +290,14 @@ def _compile_kernel(source_deb: Path, work: Path, out: Path) -> dict[str, str]:
     root = work / "x"
     root.mkdir()
     _run(["dpkg-deb", "-x", str(source_deb), str(root)])
-    tarballs = sorted((root / "usr" / "src").glob("linux-source-*.tar.xz"))
+    # Debian: usr/src/linux-source-6.1.tar.xz; Ubuntu: usr/src/linux-source-6.8.0/linux-source-6.8.0.tar.bz2
+    tarballs = sorted((root / "usr" / "src").rglob("linux-source-*.tar.*"))
     if len(tarballs) != 1:
         raise HelperBuildError(f"{source_deb.name}: expected one linux-source tarball, found {tarballs}")
-    # Documentation is a quarter of the tree; Kconfig needs only its one Kconfig file.
-    top = tarballs[0].name[:-len(".tar.xz")]
-    _run(["tar", "-xJf", str(tarballs[0]), "-C", str(work), f"--exclude={top}/Documentation"])
-    _run(["tar", "-xJf", str(tarballs[0]), "-C", str(work), f"{top}/Documentation/Kconfig"])
+    top = tarballs[0].name.split(".tar.")[0]
+    # Documentation is a quarter of the tree; Kconfig needs only its one Kconfig file (where it has one).
+    _run(["tar", "-xf", str(tarballs[0]), "-C", str(work), f"--exclude={top}/Documentation"])
+    _run(["tar", "-xf", str(tarballs[0]), "-C", str(work), f"{top}/Documentation/Kconfig"], check=False)
     tarballs[0].unlink()
     tree = work / top
     env = {**os.environ, "ARCH": "x86_64", "KBUILD_BUILD_USER": "thalunix", "KBUILD_BUILD_HOST": "helper-vm",
@@ -302,12 +308,22 @@ def _compile_kernel(source_deb: Path, work: Path, out: Path) -> dict[str, str]:
           str(tree / ".config"), str(KERNEL_CONFIG)], env=env, cwd=tree)
     _run([*make, "olddefconfig"], env=env)
     config_text = (tree / ".config").read_text()
-    _check_config(config_text)
+    absent = _check_config(config_text, _kconfig_symbols(tree))
     _run([*make, f"-j{os.cpu_count() or 1}", "bzImage"], env=env)
     release = _run([*make, "kernelrelease"], env=env, text=True).stdout.strip()
     shutil.copyfile(tree / "arch" / "x86" / "boot" / "bzImage", out / "bzImage")
     (out / "config").write_text(config_text)
-    return {"release": release}
+    return {"release": release, "absent_symbols": " ".join(absent)}
+
+
+def _kconfig_symbols(tree: Path) -> set[str]:
+    """Every CONFIG_ symbol the source tree defines (a kernel.config line may name one a newer kernel dropped)."""
+    symbols: set[str] = set()
+    for kconfig in tree.rglob("Kconfig*"):
+        if kconfig.is_file():
+            symbols.update("CONFIG_" + name for name in
+                           re.findall(r"^\s*(?:menu)?config\s+(\w+)", kconfig.read_text(errors="replace"), re.M))
+    return symbols
 
 
 def _ensure_kernel(source: dict[str, str], cache_root: Path, work: Path) -> Path:
@@ -360,6 +376,7 @@ def _build(packages: list[dict[str, str]], work: Path, out: Path, cache_root: Pa
         "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256_file(out / name)}
                   for name in ("bzImage", "initrd.img", "rootfs.img", "kernel.config")},
         "kernel_version": kernel_info["release"], "kernel_source": f"{source['package']} {source['version']}",
+        "kernel_config_absent": kernel_info.get("absent_symbols", "").split(),
         "kernel_config": "kernel.config", "initramfs": initramfs, "root_disk": rootfs,
         "packages": packages,
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
