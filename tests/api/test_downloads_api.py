@@ -141,10 +141,13 @@ def test_pause_resume_cancel_over_http(api: Api, center: FakeCenter, engine: Dir
 
 
 def test_bad_checksum_is_quarantined_with_its_reason(api: Api, center: FakeCenter, engine: DirectEngine) -> None:
-    job = api.post("/api/downloads", json={"source": "badsum"}).json()["id"]
+    answer = api.post("/api/downloads", json={"source": "badsum"}).json()
+    job = answer["id"]
     engine.downloads.wait(job, 60)
     final = api.get(f"/api/downloads/{job}").json()
     assert final["state"] == "quarantined" and final["error_code"] == "quarantined"
+    # Each published change counts: a front keeps the copy with the higher revision (the UI relies on it).
+    assert final["revision"] > answer["revision"] >= 0
     (row,) = [iso for iso in api.get("/api/isos").json() if iso["status"] == "quarantined"]
     assert row["job"] == job and row["name"] == "badsum-2.0-amd64.iso" and not row["exists"] and row["path"] is None
     assert "corrupt or altered" in row["reason"] and "ab" * 32 in row["reason"]

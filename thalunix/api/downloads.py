@@ -193,7 +193,8 @@ def openapi_schemas() -> dict[str, Any]:
             "eta": {"type": "number", "nullable": True, "description": "seconds left"},
             "trust": _NULLABLE_TEXT, "signer": _NULLABLE_TEXT, "message": _TEXT, "error": _NULLABLE_TEXT,
             "error_code": _NULLABLE_TEXT, "result": {"type": "object", "nullable": True, "additionalProperties": True},
-            "created": _TEXT}},
+            "created": _TEXT, "revision": {"type": "integer", "description": "grows with every published "
+                                                          "change; of two copies of a job, keep the higher"}}},
     }
 
 

@@ -88,6 +88,9 @@ class DownloadJob:
         self.error_code: str | None = None
         self.result: dict[str, Any] | None = None
         self.created = _now()
+        #: counts published changes: a front that got this dict from an HTTP answer and from events keeps
+        #: the newer one (an answer can arrive after the events of a download that finished at once)
+        self.revision = 0
         self.control = Control()
         self.done = threading.Event()
         self.resolved: ResolvedSource | None = None
@@ -107,7 +110,7 @@ class DownloadJob:
                 "filename": self.filename, "state": self.state, "bytes": self.bytes, "total": self.total,
                 "percent": self.percent, "rate": round(self.rate, 1), "eta": self.eta, "trust": self.trust,
                 "signer": self.signer, "message": self.message, "error": self.error, "error_code": self.error_code,
-                "result": self.result, "created": self.created}
+                "result": self.result, "created": self.created, "revision": self.revision}
 
     def _progress(self, done: int, total: int | None) -> None:
         now = time.monotonic()
@@ -581,6 +584,7 @@ class DownloadManager:
         if not force and now - job._last_publish < PUBLISH_INTERVAL:
             return
         job._last_publish = now
+        job.revision += 1
         self.bus.publish("job.progress", job=job.id, **{k: v for k, v in job.to_dict().items() if k != "id"})
 
     def _write_sidecar(self, job: DownloadJob, durable: bool = True) -> None:

@@ -155,6 +155,9 @@ function jobButtons(job) {
 /** Take a job dict (from an answer or an event); redraw what depends on its state when that changed. */
 function remember(job) {
   const before = jobs.get(job.id);
+  // An HTTP answer can arrive after the events of a download that already moved on (a quick failure):
+  // the older copy must not put the card back.
+  if (before && job.revision !== undefined && before.revision > job.revision) return;
   jobs.set(job.id, { ...(before || {}), ...job });
   const now = jobs.get(job.id);
   for (const block of document.querySelectorAll(`.progress-block[data-job="${CSS.escape(job.id)}"]`)) fillProgress(block, now);
@@ -205,6 +208,7 @@ export function initDownloads({ onCreateVm, nav }) {
 
 /** After the event stream (re)connects: what changed while it was down is read once. */
 export function onReconnect() {
+  jobs.clear();   // a restarted Thalunix counts revisions from 0 again
   loadJobs();
   if (view) loadIsos();
 }
