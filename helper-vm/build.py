@@ -95,10 +95,6 @@ class HelperBuildError(debpkgs.DebError):
     pass
 
 
-_DownloadError = debpkgs.DownloadError
-_sha256_file = debpkgs.sha256_file
-
-
 def _run(cmd: list, **kw) -> subprocess.CompletedProcess:
     return debpkgs.run(cmd, hint=f"install the Debian packages {' '.join(HOST_PACKAGES)}", **kw)
 
@@ -123,9 +119,6 @@ def _resolve_packages(cache_root: Path, allow_update: bool = True) -> list[dict[
 def _cache_key(packages: list[dict[str, str]]) -> str:
     return debpkgs.packages_key(packages, [Path(__file__).resolve(), HERE / "init.sh", KERNEL_CONFIG,
                                            HERE / "debpkgs.py"], salt=f"format {FORMAT}\n")
-
-
-_download = debpkgs.download
 
 
 # -- ELF: shared library needs -----------------------------------------------------------------------------
@@ -332,7 +325,7 @@ def _ensure_kernel(source: dict[str, str], cache_root: Path, work: Path) -> Path
     if (folder / "kernel.json").is_file():
         return folder
     (work / "kdeb").mkdir()
-    deb = _download([source], work / "kdeb")[source["package"]]
+    deb = debpkgs.download([source], work / "kdeb")[source["package"]]
     out = work / "kernel"
     out.mkdir()
     started = time.monotonic()
@@ -356,7 +349,7 @@ def _build(packages: list[dict[str, str]], work: Path, out: Path, cache_root: Pa
     kernel = _ensure_kernel(source, cache_root, work)
     debs = work / "debs"
     debs.mkdir()
-    files = _download(parts, debs)
+    files = debpkgs.download(parts, debs)
     roots: dict[str, Path] = {}
     for pkg in parts:
         root = work / "pkg" / pkg["package"]
@@ -373,7 +366,7 @@ def _build(packages: list[dict[str, str]], work: Path, out: Path, cache_root: Pa
         "kernel": "bzImage", "initrd": "initrd.img", "rootfs": "rootfs.img", "root_label": ROOT_LABEL,
         "cmdline": CMDLINE, "ram_mib": RAM_MIB,
         "guest_ports": {"data": GUEST_DATA_PORT, "ctrl": GUEST_CTRL_PORT},
-        "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256_file(out / name)}
+        "files": {name: {"size": (out / name).stat().st_size, "sha256": debpkgs.sha256_file(out / name)}
                   for name in ("bzImage", "initrd.img", "rootfs.img", "kernel.config")},
         "kernel_version": kernel_info["release"], "kernel_source": f"{source['package']} {source['version']}",
         "kernel_config_absent": kernel_info.get("absent_symbols", "").split(),
@@ -431,7 +424,7 @@ def ensure_helper_image(cache_root: Path | None = None) -> Path:
                     shutil.rmtree(stale, ignore_errors=True)
                 try:
                     _build_entry(packages, key, cache_root, entry)
-                except _DownloadError:
+                except debpkgs.DownloadError:
                     if attempt == 2:
                         raise
                     # The .debs in apt's index may have left the archive: refresh the lists and re-key.
